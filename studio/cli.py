@@ -1,0 +1,208 @@
+"""The `studio` command: the GUI by default, subcommands for headless work on the same core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="Alignment Studio: PPO to shape, DPO to settle.")
+    commands = parser.add_subparsers(dest="command")
+
+    gui = commands.add_parser("gui", help="open the studio window (the default)")
+    gui.add_argument("--project", type=Path, help="project folder to open")
+    gui.add_argument("--demo", action="store_true", help="open the demo project (created on first use)")
+
+    init = commands.add_parser("init", help="create a project folder")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--name")
+    init.add_argument("--model", default="demo",
+                      help="'demo' (default), a local Hugging Face folder, or a .gguf file")
+    init.add_argument("--allow-pickle", action="store_true",
+                      help="accept .bin (pickle) weights in a local folder; they can run code when loaded")
+
+    demo = commands.add_parser("demo", help="create the demo project (model + bundled data)")
+    demo.add_argument("dir", type=Path, nargs="?")
+
+    data = commands.add_parser("import", help="import prompts or preference pairs (JSONL, JSON, CSV, Parquet)")
+    data.add_argument("dir", type=Path)
+    data.add_argument("file", type=Path)
+    data.add_argument("--name")
+    data.add_argument("--kind", choices=["prompts", "preference"], help="default: detected from the rows")
+    data.add_argument("--eval", action="store_true", help="use these prompts as the project's eval prompts")
+    data.add_argument("--preview", action="store_true", help="show the first rows and any errors; import nothing")
+
+    listing = commands.add_parser("runs", help="list runs and their checkpoints")
+    listing.add_argument("dir", type=Path)
+    listing.add_argument("--json", action="store_true")
+
+    train = commands.add_parser("train", help="train headless (Ctrl-C stops cleanly at a step boundary)")
+    train.add_argument("dir", type=Path)
+    train.add_argument("--method", choices=["dpo", "ppo"])
+    train.add_argument("--config", type=Path, help="JSON file of settings")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting (value parsed as JSON when it can be)")
+    train.add_argument("--name")
+    train.add_argument("--resume", type=int, metavar="RUN_ID", help="continue a stopped or interrupted run")
+
+    export = commands.add_parser("export", help="export labelled pairs, an adapter or a merged model")
+    export.add_argument("dir", type=Path)
+    export.add_argument("out", type=Path)
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--labels", action="store_true", help="labelled pairs as TRL preference JSONL")
+    what.add_argument("--adapter", type=int, metavar="CHECKPOINT_ID", help="PEFT adapter folder")
+    what.add_argument("--merged", type=int, metavar="CHECKPOINT_ID", help="full model folder (transformers)")
+    return parser
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_gui(args) -> int:
+    from studio.ui.app import main as gui_main
+
+    project = args.project
+    if args.demo:
+        from studio.core.demo import ensure_demo_project
+
+        project = ensure_demo_project()
+    return gui_main(project)
+
+
+def cmd_init(args) -> int:
+    from studio.core.models import ModelSource, resolve_folder
+    from studio.core.store import Project
+
+    if args.model == "demo":
+        source = ModelSource("demo")
+    else:
+        model_path = Path(args.model).expanduser().resolve()
+        kind = "gguf" if model_path.suffix == ".gguf" else "folder"
+        source = ModelSource(kind, str(model_path), allow_pickle=args.allow_pickle)
+        resolve_folder(source)  # refuse a model that cannot load, before creating anything
+    with Project.create(args.dir, name=args.name, base_model=source.to_json()) as project:
+        print(f"Created project {project.path} on {source.describe()}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from studio.core.demo import DEFAULT_DEMO_PROJECT, ensure_demo_project
+
+    print(ensure_demo_project(args.dir or DEFAULT_DEMO_PROJECT))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from studio.core import datasets
+    from studio.core.store import Project
+
+    if args.preview:
+        loaded = datasets.preview(args.file)
+        print(f"{args.file}: {loaded.fmt}, {loaded.kind}")
+        for row in loaded.rows:
+            print(json.dumps(row, ensure_ascii=False)[:200])
+        for error in loaded.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 1 if loaded.errors else 0
+    with Project.open(args.dir) as project:
+        dataset_id = datasets.import_file(project.db, args.file, name=args.name, kind=args.kind, as_eval=args.eval)
+        row = project.db["datasets"].get(dataset_id)
+    print(f"Imported {row['row_count']} {row['kind']} rows from {args.file} as dataset {dataset_id}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from studio.core import store
+
+    with store.Project.open(args.dir, read_only=True) as project:
+        runs = store.list_runs(project.db)
+        for run in runs:
+            run["checkpoints"] = [{"id": c["id"], "step": c["step"], "path": c["path"]}
+                                  for c in store.checkpoints(project.db, run["id"])]
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print("No runs yet.")
+    for run in runs:
+        steps = run["checkpoints"][-1]["step"] if run["checkpoints"] else 0
+        checkpoint_ids = ", ".join(str(c["id"]) for c in run["checkpoints"]) or "none"
+        print(f"{run['id']:>4}  {run['name']:<12} {run['status']:<11} step {steps:<6} checkpoints: {checkpoint_ids}")
+        if run["error"]:
+            print(f"      error: {run['error']}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from studio.core import runs, store
+
+    with store.Project.open(args.dir) as project:
+        if args.resume is not None:
+            run_id = args.resume
+            method = store.get_run(project.db, run_id)["method"]
+        else:
+            if not args.method:
+                raise runs.ConfigError("--method dpo|ppo is required for a new run")
+            overrides = json.loads(args.config.read_text()) if args.config else {}
+            for item in args.set:
+                key, _, value = item.partition("=")
+                overrides[key] = parse_value(value)
+            config = runs.make_config(args.method, overrides)
+            run_id = runs.create_run(project.db, config, name=args.name)
+            method = args.method
+        control = runs.RunControl()
+        signal.signal(signal.SIGINT, lambda *_: (print("\nstopping at the next step boundary..."), control.stop()))
+        print(f"Run {run_id} ({method.upper()}) in {project.path}")
+        status = runs.execute(project.path, run_id, control, on_metrics=print_record,
+                              on_log=lambda message: print(f"[run {run_id}] {message}"))
+    return 0 if status in ("completed", "stopped") else 1
+
+
+SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",
+                "objective/rlhf_reward", "tokens_per_second", "step_seconds")
+
+
+def print_record(record: dict) -> None:
+    shown = "  ".join(f"{key}={record[key]:.4g}" for key in SUMMARY_KEYS if key in record)
+    print(f"step {record['step']:>5}  {shown}", flush=True)
+
+
+def cmd_export(args) -> int:
+    from studio.core import runs, store
+
+    with store.Project.open(args.dir, read_only=True) as project:
+        if args.labels:
+            from studio.core.datasets import export_preference_jsonl
+
+            count = export_preference_jsonl(store.labelled_pairs(project.db), args.out)
+            print(f"Exported {count} labelled pairs to {args.out}")
+        elif args.adapter is not None:
+            print(f"Adapter written to {runs.export_adapter(project.db, args.adapter, args.out)}")
+        else:
+            print(f"Merged model written to {runs.export_merged(project.db, args.merged, args.out)}")
+    return 0
+
+
+COMMANDS = {"gui": cmd_gui, "init": cmd_init, "demo": cmd_demo, "import": cmd_import, "runs": cmd_runs,
+            "train": cmd_train, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["gui", *(argv or sys.argv[1:])])
+    from studio.core.errors import StudioError  # light: the GUI path must not import torch here
+
+    try:
+        return COMMANDS[args.command](args)
+    except (StudioError, FileNotFoundError) as exc:
+        print(f"studio: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,62 @@
+"""Model loading: local folders, clear errors, LoRA; the demo model in one slower test."""
+
+import json
+import shutil
+
+import pytest
+
+from studio.core.models import ModelLoadError, ModelSource, add_lora, inspect_model, load_model, resolve_folder
+
+
+def copy_of(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def test_tiny_folder_loads_and_is_described(tiny_model_dir):
+    model, tokenizer = load_model(ModelSource("folder", str(tiny_model_dir)))
+    info = inspect_model(ModelSource("folder", str(tiny_model_dir)))
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.parameters == sum(p.numel() for p in model.parameters())
+    assert info.has_chat_template and tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: shutil.rmtree(d), "Model folder not found"),
+    (lambda d: (d / "config.json").unlink(), "no config.json"),
+    (lambda d: (d / "tokenizer.json").unlink(), "no tokenizer"),
+    (lambda d: (d / "chat_template.jinja").unlink(), "no chat template"),
+    (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "pickle"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "resnet"})), "not a causal language model"),
+])
+def test_broken_folders_give_clear_errors(tiny_model_dir, tmp_path, breakage, message):
+    folder = copy_of(tiny_model_dir, tmp_path)
+    breakage(folder)
+    with pytest.raises(ModelLoadError, match=message):
+        resolve_folder(ModelSource("folder", str(folder)))
+
+
+def test_missing_gguf_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        resolve_folder(ModelSource("gguf", str(tmp_path / "nope.gguf")))
+
+
+def test_lora_starts_equal_to_the_base(tiny_model_dir):
+    import torch
+
+    model, _ = load_model(ModelSource("folder", str(tiny_model_dir)))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = model(ids).logits.detach().clone()
+    policy = add_lora(model, r=4)
+    assert torch.allclose(policy(ids).logits, before)  # LoRA B starts at zero
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.demo
+def test_demo_model_answers_fluently():
+    from studio.core.generation import Decoding, generate
+
+    model, tokenizer = load_model(ModelSource("demo"))
+    [answer] = generate(model, tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]],
+                        Decoding(max_new_tokens=20))
+    assert "Paris" in answer.text and answer.finished
