@@ -226,6 +226,8 @@ def add_dataset(db: Database, name: str, kind: str, rows: list[dict], source_fil
     """
     if kind not in ("prompts", "preference"):
         raise ValueError(f"unknown dataset kind {kind!r}")
+    if is_eval and kind != "prompts":
+        raise ValueError("only a prompts dataset can be the eval set")
     now = time.time()
     with db.atomic():
         dataset_id = db["datasets"].insert(

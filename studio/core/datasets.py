@@ -1,0 +1,505 @@
+"""Importing and exporting datasets in TRL's standard formats (JSONL, JSON, CSV, Parquet).
+
+Two kinds of dataset are understood:
+
+- "prompts": ``{"prompt": text}`` or ``{"prompt": [messages]}``.
+- "preference": ``{"prompt", "chosen", "rejected"}``, all text or all conversational (prompt is a
+  message list, chosen/rejected are message lists starting with an assistant message), or the
+  implicit-prompt form ``{"chosen": [conversation], "rejected": [conversation]}``, whose shared
+  leading messages become the prompt.
+
+A message is ``{"role": "system" | "user" | "assistant", "content": text}``. In CSV cells, a value
+that is a JSON list of objects is read as a message list. Other columns or keys are ignored.
+
+Every row is checked and every problem is collected as a ``DataError`` naming file, row and field,
+so a window can list them all; ``import_file`` stores nothing unless the whole file is clean.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sqlite_utils import Database
+
+from . import store
+from .errors import StudioError
+
+KINDS = ("prompts", "preference")
+ROLES = ("system", "user", "assistant")
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FIELDS = ("prompt", "chosen", "rejected")
+
+MAX_FIELD_CHARS = 1_000_000  # one prompt or response; far beyond any context window
+# A JSONL line or CSV cell longer than this is rejected without being parsed. It is well above
+# three fields at the limit (even fully \u-escaped), so an over-long field is normally reported
+# by name instead.
+MAX_ROW_BYTES = 64 * 1024 * 1024
+MAX_IMPORT_ERRORS = 50  # kept on a DataImportError
+SHOWN_ERRORS = 5  # quoted in its message
+
+# Lone surrogates: invalid bytes decoded with "surrogateescape" (U+DC80..U+DCFF), or "\ud800"-style
+# JSON escapes. Neither can be written back as UTF-8, so they are rejected where they appear.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class DataError(StudioError):
+    """One problem in an input file. row is 1-based (None for the whole file); field may be None."""
+
+    def __init__(self, file: str, row: int | None, field: str | None, message: str):
+        super().__init__(file, row, field, message)
+        self.file = file
+        self.row = row
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        return f"{', '.join(where)}: {self.message}"
+
+
+class DataImportError(StudioError):
+    """A file that was not imported; .errors holds the first MAX_IMPORT_ERRORS problems."""
+
+    def __init__(self, file: str, errors: list[DataError]):
+        self.file = file
+        self.total = len(errors)
+        self.errors = errors[:MAX_IMPORT_ERRORS]
+        lines = [f"{file}: {self.total} problem{'s' if self.total != 1 else ''}, nothing imported"]
+        lines += [f"  {e}" for e in errors[:SHOWN_ERRORS]]
+        if self.total > SHOWN_ERRORS:
+            lines.append(f"  ... and {self.total - SHOWN_ERRORS} more")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class LoadedFile:
+    path: str
+    fmt: str  # "jsonl" | "json" | "csv" | "parquet"; "" for an unknown extension
+    kind: str  # "prompts" | "preference"; "" when no row was valid and no kind was asked for
+    rows: list[dict]
+    errors: list[DataError] = field(default_factory=list)
+
+
+# --- public API -------------------------------------------------------------------------------
+
+def load_file(path: str | os.PathLike, kind: str | None = None) -> LoadedFile:
+    """Read and check every row. Problems are collected in .errors, never raised.
+
+    kind None detects the kind from the first valid row; later rows of the other kind are errors.
+    """
+    return _load(Path(path), kind, keep_rows=None)
+
+
+def preview(path: str | os.PathLike, limit: int = 20) -> LoadedFile:
+    """Like load_file, but keeps only the first `limit` rows (every row is still checked)."""
+    return _load(Path(path), None, keep_rows=limit)
+
+
+def import_file(db: Database, path: str | os.PathLike, name: str | None = None,
+                kind: str | None = None, as_eval: bool = False) -> int:
+    """Store a file as a dataset and return its id; raise DataImportError, storing nothing, on any problem."""
+    path = Path(path)
+    loaded = load_file(path, kind)
+    errors = loaded.errors
+    if not errors and as_eval and loaded.kind != "prompts":
+        errors = [DataError(path.name, None, None,
+                            "only prompts can be an evaluation set; this file holds preference pairs "
+                            "(import it with kind 'prompts' to use their prompts)")]
+    if errors:
+        raise DataImportError(path.name, errors)
+    return store.add_dataset(db, name or path.stem, loaded.kind, loaded.rows,
+                             source_file=str(path.resolve()), fmt=loaded.fmt, is_eval=as_eval)
+
+
+def export_preference_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write preference records as TRL JSONL, atomically; returns how many were written.
+
+    prompt, chosen and rejected come first; other keys (provenance, ids) are kept as they are.
+    A record that would not load back raises DataError (its row is the record's number) and
+    leaves `path` untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for record in records:
+                count += 1
+                _check_export_record(record, count, path.name)
+                ordered = {"prompt": record["prompt"], "chosen": record["chosen"],
+                           "rejected": record["rejected"], **record}
+                f.write(json.dumps(ordered, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; an export is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return count
+
+
+def _check_export_record(record: dict, number: int, file: str) -> None:
+    """What is exported must import again, so a bad record stops the export."""
+    for key in FIELDS:
+        if record.get(key) is None:
+            raise DataError(file, number, key, "cannot export: missing")
+    _, problems = _preference_record(record)
+    if problems:
+        raise DataError(file, number, problems[0].field, f"cannot export: {problems[0].message}")
+
+
+# --- loading: one loop over the rows any reader yields ----------------------------------------
+
+def _load(path: Path, kind: str | None, keep_rows: int | None) -> LoadedFile:
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, not {kind!r}")
+    name = path.name
+    fmt = FORMATS.get(path.suffix.lower(), "")
+    if not fmt:
+        known = ", ".join(FORMATS)
+        return LoadedFile(str(path), "", kind or "", [],
+                          [DataError(name, None, None, f"unknown file type {path.suffix!r} (use {known})")])
+
+    rows: list[dict] = []
+    errors: list[DataError] = []
+    detected: tuple[str, int] | None = None  # (kind, row it was detected from)
+    seen = 0
+    try:
+        for item in _READERS[fmt](path, name, kind):
+            if isinstance(item, DataError):
+                errors.append(item)
+                continue
+            number, raw = item
+            seen += 1
+            if kind is None and detected and detected[0] == "prompts" and _shape(raw) == "preference":
+                errors.append(DataError(name, number, None, "a preference pair in a file of prompts "
+                                        f"(detected from row {detected[1]})"))
+                continue
+            row_kind = kind or (detected[0] if detected else _shape(raw))
+            record, problems = _prompt_record(raw) if row_kind == "prompts" else _preference_record(raw)
+            errors.extend(DataError(name, number, p.field, p.message) for p in problems)
+            if record is None:
+                continue
+            if kind is None and detected is None:
+                detected = (row_kind, number)
+            if keep_rows is None or len(rows) < keep_rows:
+                rows.append(record)
+    except OSError as e:
+        errors.append(DataError(name, None, None, f"cannot read the file: {e.strerror or e}"))
+    if not seen and not errors:
+        errors.append(DataError(name, None, None, "the file is empty" if path.stat().st_size == 0
+                                else "the file has no data rows"))
+    found_kind = kind or (detected[0] if detected else "")
+    return LoadedFile(str(path), fmt, found_kind, rows, errors)
+
+
+def _shape(raw: dict) -> str:
+    """The kind a row looks like on its own."""
+    return "preference" if "chosen" in raw or "rejected" in raw else "prompts"
+
+
+# --- readers: yield (row number, dict) or DataError -------------------------------------------
+
+def _read_jsonl(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, dict] | DataError]:
+    with open(path, "rb") as f:
+        number = 0
+        while True:
+            # Bounded read, so a pathological line is never held in memory whole.
+            line = f.readline(MAX_ROW_BYTES + 1)
+            if not line:
+                return
+            number += 1
+            if len(line) > MAX_ROW_BYTES and not line.endswith(b"\n"):
+                _skip_rest_of_line(f)
+                yield DataError(name, number, None, f"line is longer than {MAX_ROW_BYTES:,} bytes")
+                continue
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            # Bad bytes become lone surrogates and are reported by field in the row check.
+            text = line.decode("utf-8", errors="surrogateescape")
+            del line
+            if not text.strip():
+                continue  # blank lines, such as a trailing one, are not rows
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield DataError(name, number, None, f"invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            if not isinstance(value, dict):
+                yield DataError(name, number, None, f"expected a JSON object, got {_type_name(value)}")
+                continue
+            yield number, value
+
+
+def _skip_rest_of_line(f) -> None:
+    while True:
+        chunk = f.readline(1024 * 1024)
+        if not chunk or chunk.endswith(b"\n"):
+            return
+
+
+def _read_json(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, dict] | DataError]:
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    text = data.decode("utf-8", errors="surrogateescape")
+    del data
+    if not text.strip():
+        return  # the caller reports the empty file
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (one object per line is JSON Lines: name the file .jsonl)" if e.msg == "Extra data" else ""
+        yield DataError(name, None, None, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}")
+        return
+    if not isinstance(value, list):
+        yield DataError(name, None, None, f"expected a list of objects at the top level, got {_type_name(value)}")
+        return
+    for number, item in enumerate(value, 1):
+        if isinstance(item, dict):
+            yield number, item
+        else:
+            yield DataError(name, number, None, f"expected an object, got {_type_name(item)}")
+
+
+def _read_csv(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, dict] | DataError]:
+    # The csv module's default cell limit (128 KiB) is below MAX_FIELD_CHARS; raise it so long
+    # cells reach the row check and are reported by field.
+    old_limit = csv.field_size_limit(MAX_ROW_BYTES)
+    number = 0
+    try:
+        # utf-8-sig drops the BOM spreadsheet programs write; bad bytes are reported by the row check.
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return  # the caller reports the empty file
+            columns = [column.strip() for column in header]
+            problem = _check_columns(columns, kind, name)
+            if problem:
+                yield problem
+                return
+            index = {key: columns.index(key) for key in FIELDS if key in columns}
+            for cells in reader:
+                if not cells:
+                    continue  # a blank line is not a data row
+                number += 1
+                if len(cells) != len(columns):
+                    yield DataError(name, number, None,
+                                    f"{len(cells)} cells, but the header has {len(columns)} columns")
+                    continue
+                yield number, {key: _csv_cell(cells[i]) for key, i in index.items()}
+    except csv.Error as e:
+        yield DataError(name, number + 1, None, f"cannot read CSV: {e}")
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _csv_cell(text: str) -> Any:
+    """A cell's value: a message list if it is a JSON list of objects, else the text as it is."""
+    if not text.lstrip().startswith("["):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        return value
+    return text
+
+
+def _read_parquet(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, dict] | DataError]:
+    import pyarrow as pa  # imported here: it is slow to import and only Parquet needs it
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        parquet = pq.ParquetFile(path)
+        columns = parquet.schema_arrow.names
+        problem = _check_columns(columns, kind, name)
+        if problem:
+            yield problem
+            return
+        wanted = [key for key in FIELDS if key in columns]
+        for batch in parquet.iter_batches(columns=wanted, batch_size=1024):
+            for raw in batch.to_pylist():
+                number += 1
+                yield number, raw
+    except pa.ArrowException as e:
+        where = "" if number == 0 else f" after row {number}"
+        yield DataError(name, None, None, f"cannot read Parquet{where}: {e}")
+
+
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+
+
+def _check_columns(columns: list[str], kind: str | None, name: str) -> DataError | None:
+    """For tables (CSV, Parquet): the columns the kind needs, once for the whole file."""
+    if kind is None:
+        kind = "preference" if "chosen" in columns or "rejected" in columns else "prompts"
+    needed = ("chosen", "rejected") if kind == "preference" else ("prompt",)
+    for key in needed:
+        if key not in columns:
+            found = ", ".join(repr(c) for c in columns) or "none"
+            return DataError(name, None, key, f"missing column (columns found: {found})")
+    for key in FIELDS:
+        if columns.count(key) > 1:
+            return DataError(name, None, key, "the column appears more than once")
+    return None
+
+
+# --- checking one row -------------------------------------------------------------------------
+
+class _Invalid(Exception):
+    """One field's problem; the caller adds file and row."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(field, message)
+        self.field = field
+        self.message = message
+
+
+def _prompt_record(raw: dict) -> tuple[dict | None, list[_Invalid]]:
+    try:
+        return {"prompt": _field_value(raw, "prompt")}, []
+    except _Invalid as e:
+        return None, [e]
+
+
+def _preference_record(raw: dict) -> tuple[dict | None, list[_Invalid]]:
+    implicit = raw.get("prompt") is None
+    values, problems = {}, []
+    for key in ("chosen", "rejected") if implicit else FIELDS:
+        try:
+            values[key] = _field_value(raw, key)
+        except _Invalid as e:
+            problems.append(e)
+    if problems:
+        return None, problems
+    try:
+        if implicit:
+            return _split_implicit_prompt(values["chosen"], values["rejected"]), []
+        _check_same_style(values)
+        return values, []
+    except _Invalid as e:
+        return None, [e]
+
+
+def _check_same_style(values: dict) -> None:
+    """TRL needs prompt, chosen and rejected all text or all conversational."""
+    conversational = isinstance(values["prompt"], list)
+    for key in ("chosen", "rejected"):
+        if isinstance(values[key], list) != conversational:
+            if conversational:
+                raise _Invalid(key, "is text, but the prompt is a list of messages")
+            raise _Invalid(key, "is a list of messages, but the prompt is text")
+        if conversational:
+            _check_response(values[key], key)
+
+
+def _split_implicit_prompt(chosen: Any, rejected: Any) -> dict:
+    """Full conversations: the shared leading messages are the prompt, the rest the responses."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise _Invalid("prompt", "missing (without a prompt, chosen and rejected must both be full "
+                                 "conversations, lists of messages that start with the prompt)")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise _Invalid("prompt", "missing, and chosen and rejected share no leading messages to use as one")
+    record = {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    for key in ("chosen", "rejected"):
+        if not record[key]:
+            raise _Invalid(key, "empty value: no messages after the prompt it shares with the other response")
+        _check_response(record[key], key)
+    return record
+
+
+def _check_response(messages: list[dict], key: str) -> None:
+    if messages[0]["role"] != "assistant":
+        raise _Invalid(key, f"a response must start with an assistant message, not {messages[0]['role']!r}")
+
+
+def _field_value(raw: dict, key: str) -> str | list[dict]:
+    """A field as checked text or a checked, normalised message list."""
+    if key not in raw:
+        raise _Invalid(key, "missing")
+    value = raw[key]
+    if value is None:
+        raise _Invalid(key, "missing value (null)")
+    if isinstance(value, str):
+        _check_text(value, key, "value")
+        return value
+    if isinstance(value, list):
+        return _check_messages(value, key)
+    raise _Invalid(key, f"expected text or a list of messages, got {_type_name(value)}")
+
+
+def _check_messages(value: list, key: str) -> list[dict]:
+    if not value:
+        raise _Invalid(key, "empty value (no messages)")
+    messages, total = [], 0
+    for i, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            raise _Invalid(key, f"message {i} is {_type_name(message)}, not an object with 'role' and 'content'")
+        for part in ("role", "content"):
+            if message.get(part) is None:
+                raise _Invalid(key, f"message {i} has no {part!r}")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise _Invalid(key, f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise _Invalid(key, f"message {i} content must be text, got {_type_name(content)}")
+        _check_text(content, key, f"content of message {i}")
+        total += len(content)
+        messages.append({"role": role, "content": content})  # other message keys are dropped
+    if total > MAX_FIELD_CHARS:
+        raise _Invalid(key, f"messages hold {total:,} characters; the limit is {MAX_FIELD_CHARS:,}")
+    return messages
+
+
+def _check_text(text: str, key: str, what: str) -> None:
+    # Length first: it is free, and the checks after it scan the text.
+    if len(text) > MAX_FIELD_CHARS:
+        raise _Invalid(key, f"{what} is {len(text):,} characters long; the limit is {MAX_FIELD_CHARS:,}")
+    if not text.strip():
+        raise _Invalid(key, f"empty {what}")
+    bad = _SURROGATE.search(text)
+    if bad:
+        code = ord(bad.group())
+        if 0xDC80 <= code <= 0xDCFF:
+            problem = f"byte 0x{code - 0xDC00:02X}, which is not valid UTF-8,"
+        else:
+            problem = f"an unpaired surrogate U+{code:04X}, which is not text,"
+        raise _Invalid(key, f"{what} has {problem} at character {bad.start() + 1}")
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return type(value).__name__
