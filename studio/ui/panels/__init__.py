@@ -1,0 +1,123 @@
+"""The studio window's panels, one module each, and the few small helpers they share.
+
+Every panel is a plain ``QWidget`` that knows nothing of the main window: it receives the open
+project through ``set_project`` and reports what the user did through signals. The window lays the
+panels out (see ``MainWindow.panel_specs`` in ``studio.ui.app``).
+
+Nothing heavy is imported here: the window must appear before torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QFont, QIcon
+from PySide6.QtWidgets import (
+    QFrame, QHBoxLayout, QLabel, QMessageBox, QPushButton, QSizePolicy, QVBoxLayout, QWidget,
+)
+
+ACCENT = "#2f6fde"
+DANGER = "#c62828"
+WARNING = "#b26a00"
+OK = "#2e7d32"
+MUTED = "#6b7280"
+
+
+def icon(name: str, color: str | None = None) -> QIcon:
+    """A qtawesome icon by name (e.g. "fa6s.play"); an empty icon if the name is unknown."""
+    import qtawesome
+
+    try:
+        return qtawesome.icon(name, color=color or "#374151")
+    except Exception:  # an unknown name must never break a panel
+        return QIcon()
+
+
+def as_text(value: Any) -> str:
+    """A prompt or response as readable text: plain text as it is, messages as "role: content" lines."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """Text for a table cell: newlines shown as ⏎, cut at `limit` characters."""
+    text = text.replace("\r", "").replace("\n", " ⏎ ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bold(widget: QWidget, point_delta: float = 0) -> QWidget:
+    font = QFont(widget.font())
+    font.setBold(True)
+    if point_delta:
+        font.setPointSizeF(font.pointSizeF() + point_delta)
+    widget.setFont(font)
+    return widget
+
+
+def hint_label(text: str = "", color: str = MUTED) -> QLabel:
+    """A wrapped, muted, selectable label for explanations and inline messages."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    label.setStyleSheet(f"color: {color};")
+    return label
+
+
+def hline() -> QFrame:
+    line = QFrame()
+    line.setFrameShape(QFrame.Shape.HLine)
+    line.setFrameShadow(QFrame.Shadow.Sunken)
+    return line
+
+
+class EmptyState(QWidget):
+    """What a panel shows when there is nothing yet: an icon, a title, a hint and one action."""
+
+    def __init__(self, icon_name: str, title: str, hint: str, action_text: str | None = None,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(24, 24, 24, 24)
+        layout.addStretch(1)
+        picture = QLabel()
+        picture.setPixmap(icon(icon_name, "#9ca3af").pixmap(40, 40))
+        picture.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(picture)
+        self.title = bold(QLabel(title), 1)
+        self.title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.title.setWordWrap(True)
+        layout.addWidget(self.title)
+        self.hint = hint_label(hint)
+        self.hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(self.hint)
+        self.button: QPushButton | None = None
+        if action_text:
+            self.button = QPushButton(action_text)
+            self.button.setProperty("primary", True)
+            self.button.setSizePolicy(QSizePolicy.Policy.Maximum, QSizePolicy.Policy.Fixed)
+            row = QHBoxLayout()
+            row.addStretch(1)
+            row.addWidget(self.button)
+            row.addStretch(1)
+            layout.addLayout(row)
+        layout.addStretch(2)
+
+
+def show_message(parent: QWidget, title: str, text: str, details: str | None = None,
+                 level: str = "warning") -> QMessageBox:
+    """A non-blocking message box (it never stops the event loop, so runs keep drawing)."""
+    box = QMessageBox(parent)
+    box.setIcon({"info": QMessageBox.Icon.Information, "warning": QMessageBox.Icon.Warning,
+                 "error": QMessageBox.Icon.Critical}[level])
+    box.setWindowTitle(title)
+    box.setText(text)
+    if details:
+        box.setDetailedText(details)
+    box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+    box.open()
+    return box
