@@ -60,3 +60,13 @@ def test_demo_model_answers_fluently():
     [answer] = generate(model, tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]],
                         Decoding(max_new_tokens=20))
     assert "Paris" in answer.text and answer.finished
+
+
+def test_two_threads_can_load_models_at_once(tiny_model_dir):
+    """The compare view and a starting run load in parallel threads of one process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = ModelSource("folder", str(tiny_model_dir))
+    with ThreadPoolExecutor(4) as pool:
+        models = [future.result()[0] for future in [pool.submit(load_model, source) for _ in range(4)]]
+    assert all(not any(p.is_meta for p in m.parameters()) for m in models)

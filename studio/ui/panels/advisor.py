@@ -1,0 +1,476 @@
+"""The stage advisor panel: which stage the project is in, the evidence, and the switch to DPO.
+
+The verdict sits on top with its explanation, the risk tolerance it was judged at and the checkpoint
+it refers to; below, one card per signal with its value, trend, threshold and a small chart (the
+value per checkpoint, the firing zone shaded). Gathering the evidence and every action run in
+background workers with their own database connection; the panel reports what the window should do
+through signals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (
+    QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSizePolicy,
+    QVBoxLayout, QWidget,
+)
+
+from studio.core import advisor, store
+
+from . import MUTED, bold, hint_label, icon, show_message
+from ..workers import describe_error, run_in_background
+
+VERDICT_COLOURS = {
+    "ppo_first": "#2e7d32", "keep_ppo": "#2e7d32",  # green: shaping with PPO
+    "switch_now": "#b26a00",  # amber: time to switch
+    "settle_dpo": "#2f6fde",  # blue: settling with DPO
+    "need_evidence": "#6b7280",
+}
+FIRING = "#c62828"
+CALM = "#1f2937"
+QUIET = "#64748b"  # a signal that does not fire: neutral slate, not a verdict colour
+ZONE = QColor(198, 40, 40, 38)  # the firing zone of a chart, faint red
+TRENDS = {"rising": "↑ rising", "falling": "↓ falling", "flat": "→ flat", "": ""}
+CHART_HEIGHT = 96
+PLAIN_KEYS = ("repetition", "refusals")  # shown as plain differences; every other signal in percent
+NO_RUN = -1  # the selector's "judge the base" entry
+SECTIONS = (
+    ("Is the base messy?", advisor.BASE_SIGNALS),
+    ("Is PPO still paying off?", advisor.PROGRESS_SIGNALS),
+    ("Side effects", advisor.SIDE_EFFECT_SIGNALS),
+)
+
+
+def gather_advice(project_path: str, run_id: int | None, refresh_id: int) -> tuple:
+    """Runs in a worker thread: its own connection, the PPO runs for the selector, and the advice.
+
+    The refresh id travels with the result, so the panel shows only its newest refresh.
+    """
+    db = store.connect(project_path)
+    try:
+        return refresh_id, run_id, advisor.ppo_runs(db), advisor.advise(advisor.gather(db, run_id))
+    finally:
+        db.close()
+
+
+def with_connection(project_path: str, function, *args, **kwargs):
+    """Call `function(db, *args, **kwargs)` on a connection of this (worker) thread."""
+    db = store.connect(project_path)
+    try:
+        return function(db, *args, **kwargs)
+    finally:
+        db.close()
+
+
+class SignalChart(pg.PlotWidget):
+    """A signal's value per checkpoint (or one bar for a base signal), its firing zone shaded."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent=parent, background="w")
+        self.setFixedHeight(CHART_HEIGHT)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        plot = self.plotItem
+        plot.hideButtons()
+        plot.setMenuEnabled(False)
+        plot.getViewBox().setMouseEnabled(x=False, y=False)
+        plot.showGrid(x=False, y=True, alpha=0.12)
+        for name in ("left", "bottom"):
+            axis = plot.getAxis(name)
+            axis.setPen(pg.mkPen("#9ca3af"))
+            axis.setTextPen(pg.mkPen(MUTED))
+            axis.setStyle(tickFont=self.font(), hideOverlappingLabels=False)  # marks are spaced below
+        plot.getAxis("left").setWidth(40)
+
+    def show_signal(self, signal: advisor.Signal) -> None:
+        """Draw in the card's unit (percent for most signals), so the axis reads like the number."""
+        self.plotItem.clear()
+        scale = 1 if signal.key in PLAIN_KEYS else 100
+        signal = replace(signal, value=None if signal.value is None else signal.value * scale,
+                         threshold=signal.threshold * scale,
+                         history=[(step, None if v is None else v * scale) for step, v in signal.history])
+        if signal.history:
+            self._show_history(signal)
+        else:
+            self._show_gauge(signal)
+
+    def _show_history(self, signal: advisor.Signal) -> None:
+        steps = [step for step, _ in signal.history]
+        values = [math.nan if value is None else value for _, value in signal.history]
+        low, high = value_range([v for v in values if not math.isnan(v)], signal)
+        self._shade(signal, low, high, horizontal=True)
+        colour = FIRING if signal.fires else QUIET
+        self.plotItem.plot(steps, values, pen=pg.mkPen(colour, width=2), symbol="o", symbolSize=6,
+                           symbolBrush=colour, symbolPen=None, connect="finite")
+        self.plotItem.setXRange(min(steps), max(steps), padding=0.08)
+        self.plotItem.setYRange(low, high, padding=0)
+        self._label_values("left", signal, [v for v in values if not math.isnan(v)], low, high)
+        self.plotItem.getAxis("left").show()
+
+    def _show_gauge(self, signal: advisor.Signal) -> None:
+        """A base signal has one value: a horizontal bar against its threshold."""
+        values = [] if signal.value is None else [signal.value]
+        low, high = value_range(values, signal, floor=0.0)
+        self._shade(signal, low, high, horizontal=False)
+        if signal.value is not None:
+            colour = FIRING if signal.fires else QUIET
+            self.plotItem.addItem(pg.BarGraphItem(x0=[0], y=[0], height=[0.5], width=[signal.value],
+                                                  brush=colour, pen=None))
+        self.plotItem.setXRange(low, high, padding=0)
+        self.plotItem.setYRange(-0.6, 0.6, padding=0)
+        self._label_values("bottom", signal, values + [0.0], low, high)
+        self.plotItem.getAxis("left").hide()
+
+    def _label_values(self, axis: str, signal: advisor.Signal, values: list[float], low: float,
+                      high: float) -> None:
+        """Tick the threshold(s) and the extreme values only: a small chart cannot hold more labels."""
+        thresholds = [signal.threshold, -signal.threshold] if signal.direction == "outside" else [signal.threshold]
+        marks = [t for t in thresholds if low <= t <= high]
+        for value in (min(values, default=None), max(values, default=None)):
+            if value is not None and all(abs(value - m) > 0.3 * (high - low) for m in marks):
+                marks.append(value)
+        self.plotItem.getAxis(axis).setTicks([[(m, f"{m:.3g}") for m in sorted(marks)], []])
+
+    def _shade(self, signal: advisor.Signal, low: float, high: float, horizontal: bool) -> None:
+        """Shade where the signal fires, and draw its threshold line(s)."""
+        t = signal.threshold
+        zones = {"above": [(t, high)], "below": [(low, t)], "outside": [(t, high), (low, -t)]}[signal.direction]
+        orientation = "horizontal" if horizontal else "vertical"
+        for start, end in zones:
+            if end > start:
+                self.plotItem.addItem(pg.LinearRegionItem((start, end), orientation=orientation,
+                                                          movable=False, brush=ZONE, pen=pg.mkPen(None)))
+        lines = [t, -t] if signal.direction == "outside" else [t]
+        for value in lines:
+            self.plotItem.addItem(pg.InfiniteLine(value, angle=0 if horizontal else 90, movable=False,
+                                                  pen=pg.mkPen(FIRING, width=1, style=Qt.PenStyle.DashLine)))
+
+
+def value_range(values: list[float], signal: advisor.Signal, floor: float | None = None) -> tuple[float, float]:
+    """A y (or x) range that shows the values and the threshold with some room."""
+    t = signal.threshold
+    points = values + ([t, -t] if signal.direction == "outside" else [t])
+    low, high = min(points), max(points)
+    if floor is not None:
+        low = min(low, floor)
+    span = (high - low) or 1.0
+    return low - 0.15 * span, high + 0.25 * span
+
+
+class SignalCard(QFrame):
+    """One signal: name, value, trend, threshold, a chart, and the plain-words detail."""
+
+    def __init__(self, key: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.key = key
+        self.setObjectName("signalCard")
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.setStyleSheet("#signalCard { background: white; border: 1px solid #e5e7eb; border-radius: 6px; }")
+        self.setMinimumWidth(220)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 8, 10, 8)
+        layout.setSpacing(2)
+        self.title = bold(QLabel(advisor.LABELS[key]))
+        self.title.setWordWrap(True)
+        layout.addWidget(self.title)
+        numbers = QHBoxLayout()
+        self.value = bold(QLabel("—"), 6)
+        self.trend = QLabel()
+        self.trend.setStyleSheet(f"color: {MUTED};")
+        numbers.addWidget(self.value)
+        numbers.addWidget(self.trend)
+        numbers.addStretch(1)
+        layout.addLayout(numbers)
+        self.threshold = QLabel()
+        self.threshold.setStyleSheet(f"color: {MUTED};")
+        layout.addWidget(self.threshold)
+        self.chart = SignalChart(self)
+        layout.addWidget(self.chart)
+        self.detail = hint_label()
+        layout.addWidget(self.detail)
+
+    def show_signal(self, signal: advisor.Signal) -> None:
+        self.value.setText(advisor.format_number(signal.key, signal.value))
+        self.value.setStyleSheet(f"color: {FIRING if signal.fires else CALM};")
+        self.trend.setText(TRENDS[signal.trend])
+        state = "FIRES" if signal.fires else "quiet" if signal.value is not None else "not measured"
+        self.threshold.setText(f"fires at {advisor.threshold_text(signal)} · {state}")
+        self.threshold.setStyleSheet(f"color: {FIRING if signal.fires else MUTED};")
+        self.detail.setText(signal.detail)
+        self.setToolTip(signal.detail)
+        self.chart.show_signal(signal)
+
+
+class AdvisorPanel(QWidget):
+    """Which stage the project is in, with evidence, and the switch from PPO to DPO in one action."""
+
+    label_requested = Signal(list)  # comparison ids to label
+    run_created = Signal(int)  # a new queued run id for the window to enqueue
+    trial_created = Signal(int, int)  # (PPO run id, DPO run id) of a quick trial
+    advice_ready = Signal(object)  # the Advice just shown
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.project_path: str | None = None
+        self.advice: advisor.Advice | None = None
+        self._refresh_id = 0  # only the newest refresh's result is shown
+        self._on_action_result = None  # what to do with the running action's result (one at a time)
+        self._build()
+        self._update_buttons()
+
+    # --- layout ---
+
+    def _build(self) -> None:
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(12, 12, 12, 12)
+        outer.setSpacing(10)
+        outer.addLayout(self._build_toolbar())
+        outer.addWidget(self._build_verdict())
+        outer.addLayout(self._build_actions())
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        body = QWidget()
+        self.cards: dict[str, SignalCard] = {}
+        self.section_hints: dict[tuple[str, ...], QLabel] = {}  # shown while a section has no card
+        sections = QVBoxLayout(body)
+        sections.setContentsMargins(0, 0, 0, 0)
+        for title, keys in SECTIONS:
+            sections.addWidget(bold(QLabel(title), 2))
+            self.section_hints[keys] = hint_label("Measured at each checkpoint of a PPO run: choose a run "
+                                                  "with checkpoints above.")
+            sections.addWidget(self.section_hints[keys])
+            grid = QGridLayout()
+            grid.setSpacing(8)
+            for column, key in enumerate(keys):
+                self.cards[key] = SignalCard(key)
+                grid.addWidget(self.cards[key], 0, column)
+            sections.addLayout(grid)
+        sections.addStretch(1)
+        scroll.setWidget(body)
+        outer.addWidget(scroll, 1)
+
+    def _build_toolbar(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        row.addWidget(QLabel("PPO run"))
+        self.run_selector = QComboBox()
+        self.run_selector.setMinimumWidth(280)
+        self.run_selector.currentIndexChanged.connect(self._run_selected)
+        row.addWidget(self.run_selector)
+        self.refresh_button = QPushButton(icon("fa6s.rotate"), "Refresh")
+        self.refresh_button.clicked.connect(self.refresh)
+        row.addWidget(self.refresh_button)
+        row.addStretch(1)
+        self.status = hint_label()
+        row.addWidget(self.status)
+        return row
+
+    def _build_verdict(self) -> QFrame:
+        box = QFrame()
+        box.setObjectName("verdictBox")
+        self.verdict_box = box
+        layout = QVBoxLayout(box)
+        layout.setContentsMargins(16, 12, 16, 12)
+        top = QHBoxLayout()
+        self.verdict = bold(QLabel("Open a project"), 9)
+        top.addWidget(self.verdict)
+        top.addStretch(1)
+        self.tolerance = QLabel()
+        self.tolerance.setToolTip("The project's risk tolerance moves every threshold below. "
+                                  "Change it in the project settings.")
+        top.addWidget(self.tolerance)
+        layout.addLayout(top)
+        self.refers_to = bold(QLabel())
+        layout.addWidget(self.refers_to)
+        self.explanation = QLabel()
+        self.explanation.setWordWrap(True)
+        self.explanation.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        font = self.explanation.font()
+        font.setPointSizeF(font.pointSizeF() + 1)
+        self.explanation.setFont(font)
+        layout.addWidget(self.explanation)
+        self._colour_verdict("need_evidence")
+        return box
+
+    def _build_actions(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.sample_button = QPushButton(icon("fa6s.dice"), "Sample the base")
+        self.sample_button.setToolTip(f"Sample every eval prompt {advisor.BASE_SAMPLES} times from the "
+                                      "base model (temperature > 0) to see whether it is messy.")
+        self.sample_button.clicked.connect(self.sample_base)
+        self.label_button = QPushButton(icon("fa6s.tags"), "Label pairs from this checkpoint")
+        self.label_button.setToolTip("Two samples of the advised checkpoint per prompt, for the labelling view.")
+        self.label_button.clicked.connect(self.label_pairs)
+        self.dpo_button = QPushButton(icon("fa6s.right-left"), "Start DPO from this checkpoint")
+        self.dpo_button.setToolTip("A DPO run whose starting policy and reference are the advised checkpoint, "
+                                   "trained on the labelled and imported pairs.")
+        self.dpo_button.clicked.connect(self.start_dpo)
+        self.trial_button = QPushButton(icon("fa6s.code-compare"), "Run a quick PPO vs DPO trial")
+        self.trial_button.setToolTip(f"Two short runs ({advisor.TRIAL_STEPS} steps) from the advised "
+                                     "checkpoint, on the same eval prompts, to compare side by side.")
+        self.trial_button.clicked.connect(self.start_trial)
+        for button in (self.sample_button, self.label_button, self.dpo_button, self.trial_button):
+            row.addWidget(button)
+        row.addStretch(1)
+        return row
+
+    def _colour_verdict(self, verdict: str) -> None:
+        colour = VERDICT_COLOURS[verdict]
+        tint = QColor(colour)
+        tint.setAlpha(22)
+        self.verdict_box.setStyleSheet(
+            f"#verdictBox {{ border-left: 6px solid {colour}; border-radius: 4px; "
+            f"background: rgba({tint.red()}, {tint.green()}, {tint.blue()}, {tint.alpha()}); }}")
+        self.verdict.setStyleSheet(f"color: {colour};")
+
+    # --- project and refresh ---
+
+    def set_project(self, project_path: Path | str | None) -> None:
+        self.project_path = str(project_path) if project_path else None
+        self.advice = None
+        self.run_selector.blockSignals(True)
+        self.run_selector.clear()
+        self.run_selector.blockSignals(False)
+        if self.project_path is None:
+            self._colour_verdict("need_evidence")
+            self.verdict.setText("Open a project")
+            for label in (self.tolerance, self.refers_to, self.explanation):
+                label.setText("")
+        self._update_buttons()
+        self.refresh()
+
+    def selected_run(self) -> int | None:
+        run_id = self.run_selector.currentData()
+        return None if run_id in (None, NO_RUN) else run_id
+
+    def refresh(self) -> None:
+        """Gather the evidence and advise, in a worker; the newest result is shown."""
+        if self.project_path is None:
+            return
+        self._refresh_id += 1
+        if not self.busy:  # an action's message stays until the action ends
+            self.status.setText("Reading the project…")
+        # Bound methods, not lambdas: Qt drops the connection if the panel is deleted meanwhile.
+        run_in_background(gather_advice, self.project_path, self.selected_run(), self._refresh_id,
+                          on_result=self._show, on_error=self._refresh_failed)
+
+    def _run_selected(self, _index: int) -> None:
+        self.refresh()
+
+    def _show(self, result: tuple) -> None:
+        refresh_id, chosen, runs, advice = result
+        if refresh_id != self._refresh_id:
+            return
+        first_look = self.run_selector.count() == 0
+        self._fill_selector(runs, chosen)
+        if first_look and chosen is None:
+            # First look at a project: judge its newest PPO run with checkpoints, if any.
+            default = next((r["id"] for r in runs if r["checkpoints"]), None)
+            if default is not None:
+                self.run_selector.setCurrentIndex(self.run_selector.findData(default))
+                return  # _run_selected refreshes
+        self.advice = advice
+        if not self.busy:
+            self.status.setText("")
+        self._colour_verdict(advice.verdict)
+        self.verdict.setText(advice.title)
+        self.tolerance.setText(f"Risk tolerance: <b>{advice.risk_tolerance}</b>")
+        self.refers_to.setText(f"Advice refers to {advice.checkpoint_label}")
+        self.explanation.setText(advice.explanation)
+        for signal in advice.base_signals + advice.run_signals:
+            self.cards[signal.key].show_signal(signal)
+        shown = {s.key for s in advice.base_signals + advice.run_signals}
+        for key, card in self.cards.items():
+            card.setVisible(key in shown)
+        for keys, hint in self.section_hints.items():
+            hint.setVisible(not shown & set(keys))
+        self._update_buttons()
+        self.advice_ready.emit(advice)
+
+    def _fill_selector(self, runs: list[dict], chosen: int | None) -> None:
+        self.run_selector.blockSignals(True)
+        self.run_selector.clear()
+        self.run_selector.addItem("No PPO run: judge the base", NO_RUN)
+        for run in runs:
+            text = f"{run['name']} · {run['checkpoints']} checkpoints · {run['status']}"
+            self.run_selector.addItem(text, run["id"])
+        wanted = NO_RUN if chosen is None else chosen
+        self.run_selector.setCurrentIndex(max(0, self.run_selector.findData(wanted)))
+        self.run_selector.blockSignals(False)
+
+    def _refresh_failed(self, exc: BaseException) -> None:
+        self.status.setText("")
+        show_message(self, "Could not read the project", describe_error(exc))
+
+    # --- actions ---
+
+    def sample_base(self) -> None:
+        self._run_action("Sampling the base…", advisor.sample_base, self.project_path,
+                         on_result=self._base_sampled)
+
+    def label_pairs(self) -> None:
+        self._run_action("Sampling pairs to label…", with_connection, self.project_path,
+                         advisor.label_pairs_from_checkpoint, self.advice.checkpoint_id,
+                         on_result=self.label_requested.emit)
+
+    def start_dpo(self) -> None:
+        self._run_action("Creating the DPO run…", with_connection, self.project_path,
+                         advisor.start_dpo_from_checkpoint, self.advice.checkpoint_id,
+                         on_result=self._run_created)
+
+    def start_trial(self) -> None:
+        self._run_action("Creating the trial runs…", with_connection, self.project_path,
+                         advisor.create_quick_trial, self.advice.checkpoint_id,
+                         on_result=self._trial_created)
+
+    def _base_sampled(self, _count: int) -> None:
+        self.refresh()
+
+    def _run_created(self, run_id: int) -> None:
+        self.run_created.emit(run_id)
+        self.refresh()
+
+    def _trial_created(self, run_ids: tuple[int, int]) -> None:
+        self.trial_created.emit(*run_ids)
+        self.refresh()
+
+    @property
+    def busy(self) -> bool:
+        return self._on_action_result is not None
+
+    def _run_action(self, message: str, function, *args, on_result) -> None:
+        self._on_action_result = on_result
+        self._update_buttons()
+        self.status.setText(message)
+        run_in_background(function, *args, on_result=self._action_done, on_error=self._action_failed)
+
+    def _action_done(self, result) -> None:
+        on_result, self._on_action_result = self._on_action_result, None
+        self.status.setText("")
+        self._update_buttons()
+        on_result(result)
+
+    def _action_failed(self, exc: BaseException) -> None:
+        self._on_action_result = None
+        self.status.setText("")
+        self._update_buttons()
+        show_message(self, "The advisor's action failed", describe_error(exc))
+
+    def _update_buttons(self) -> None:
+        has_project = self.project_path is not None and not self.busy
+        has_advice = has_project and self.advice is not None
+        where = "this checkpoint"
+        if self.advice is not None:
+            checkpoint_id = self.advice.checkpoint_id
+            where = "the base" if checkpoint_id is None else f"checkpoint #{checkpoint_id}"
+        self.label_button.setText(f"Label pairs from {where}")
+        self.dpo_button.setText(f"Start DPO from {where}")
+        self.sample_button.setEnabled(has_project)
+        self.refresh_button.setEnabled(self.project_path is not None)
+        for button in (self.label_button, self.dpo_button, self.trial_button):
+            button.setEnabled(has_advice)

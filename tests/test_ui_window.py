@@ -1,0 +1,346 @@
+"""The studio window driven offscreen: projects, import, a real DPO run on the tiny model, closing.
+
+Each test gets its own QSettings file and temp projects; at teardown every window is closed and
+deleted, background jobs are awaited, and no top-level widget may be left behind.
+"""
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import QEvent, QMimeData, QPointF, QSettings, Qt, QUrl
+from PySide6.QtGui import QDropEvent
+from PySide6.QtWidgets import QApplication, QMenu, QMessageBox
+
+from studio.core import runs, store
+from studio.ui.app import LAYOUT_VERSION, MainWindow
+from studio.ui.workers import wait_for_background_jobs
+
+TIMEOUT = 180_000  # generous: the CI cores are shared; waits end as soon as the signal comes
+FAST_DPO = {"max_steps": 1000, "checkpoint_every": 500, "batch_size": 2, "max_length": 256,
+            "eval_max_new_tokens": 2, "learning_rate": 1e-3}
+
+
+def write_pairs(path, count=8):
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"{2 * i}.",
+             "rejected": f"Let me think about it at length. The answer might be {2 * i + 1}."} for i in range(count)]
+    rows[3]["prompt"] = "Name a colour of the sky."
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def settings_file(tmp_path, monkeypatch):
+    """An isolated QSettings per test (the default scope too, in case something uses QSettings())."""
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "qsettings"))
+    yield tmp_path / "studio.ini"
+    QSettings.setDefaultFormat(QSettings.Format.NativeFormat)
+
+
+@pytest.fixture
+def make_window(qtbot, settings_file):
+    before = set(QApplication.topLevelWidgets())
+    windows = []
+
+    def make(wait_for_engines=True):
+        window = MainWindow(QSettings(str(settings_file), QSettings.Format.IniFormat))
+        window.confirm = lambda title, text: True  # no blocking question boxes in tests
+        window.show()
+        if wait_for_engines:
+            qtbot.waitUntil(lambda: window.engines is not None, timeout=TIMEOUT)
+        windows.append(window)
+        return window
+
+    yield make
+    for window in windows:
+        window.queue.stop_all()
+        qtbot.waitUntil(lambda: window.queue._thread is None, timeout=TIMEOUT)
+        window.close()
+        window.deleteLater()
+    wait_for_background_jobs()
+    QApplication.processEvents()
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    QApplication.processEvents()
+    gc.collect()  # pyqtgraph's parentless context menus go with their Python owners
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    leaked = [w for w in QApplication.topLevelWidgets() if w not in before and not _pyqtgraph_menu(w)]
+    assert not leaked, f"top-level widgets left behind: {[(type(w).__name__, w.windowTitle()) for w in leaked]}"
+
+
+def _pyqtgraph_menu(widget) -> bool:
+    """pyqtgraph gives every plot parentless context menus (ViewBoxMenu, PlotItem's "Plot Options"
+    QMenu) that live as long as pyqtgraph's own references to the plot do: not widgets this window
+    leaked. The window itself never makes a parentless menu."""
+    while widget.parent() is not None:
+        widget = widget.parent()
+    return isinstance(widget, QMenu) and not widget.isVisible()
+
+
+@pytest.fixture
+def window_with_project(make_window, tmp_path, tiny_model_dir):
+    window = make_window()
+    assert window.create_project(tmp_path / "project", "UI test",
+                                 {"kind": "folder", "path": str(tiny_model_dir)})
+    return window
+
+
+def import_pairs(qtbot, window, path):
+    dialog = window.import_file(path)
+    qtbot.waitUntil(lambda: dialog.ready, timeout=TIMEOUT)
+    assert dialog.import_button.isEnabled(), dialog.errors_caption.text()
+    with qtbot.waitSignal(dialog.imported, timeout=TIMEOUT):
+        dialog.import_button.click()
+    return dialog.dataset_id
+
+
+def chart_points(window, run_id, metric="loss"):
+    """Points of a run's curve in the charts panel (or counted by the placeholder)."""
+    charts = window.charts
+    if hasattr(charts, "points"):
+        return charts.points.get(run_id, 0)
+    chart = charts.chart(metric)
+    curve = chart.curves.get(run_id) if chart is not None else None
+    return 0 if curve is None else len(curve.x)
+
+
+def launch_dpo(window, **overrides):
+    setup = window.run_setup
+    window.new_run("dpo")
+    assert setup.current_method() == "dpo"
+    setup.page("dpo").form.set_values({**FAST_DPO, **overrides})
+    return setup.launch()
+
+
+def test_create_import_train_pause_resume_stop_and_reopen(qtbot, window_with_project, tmp_path):
+    window = window_with_project
+    project_path = window.project.path
+    assert "UI test" in window.windowTitle() and "UI test" in window.project_label.text()
+    picker = window.projects_panel.picker  # the base model, inspected in the background
+    qtbot.waitUntil(lambda: picker.info is not None or picker.error is not None, timeout=TIMEOUT)
+    assert picker.architecture.text() == "LlamaForCausalLM" and picker.template.text() == "present"
+    assert picker.size.text().endswith("parameters") and picker.device.text() == "cpu · float32"
+    assert window.run_setup.hint.isVisibleTo(window.run_setup)  # "Import preference pairs to start a DPO run"
+    assert "preference pairs" in window.run_setup.hint.text()
+
+    # import: preview first, then the rows appear in a searchable model/view table
+    import_pairs(qtbot, window, write_pairs(tmp_path / "pairs.jsonl"))
+    data = window.data_panel
+    assert data.stack.currentWidget() is data.content
+    assert data.rows_model.rowCount() == 8 and data.proxy.rowCount() == 8
+    data.search.setText("COLOUR")
+    assert data.proxy.rowCount() == 1
+    data.search.clear()
+    assert not window.run_setup.hint.isVisibleTo(window.run_setup)
+
+    # a real DPO run on the tiny model: paused before its first step, then resumed
+    run_id = launch_dpo(window)
+    assert run_id is not None, window.run_setup.error.text()
+    window.runs_panel.pause()
+    with qtbot.waitSignal(window.queue.paused, timeout=TIMEOUT):
+        pass
+    assert store.get_run(window.project.db, run_id)["status"] == "paused"
+    assert window.runs_panel.selected_run_ids() == [run_id]  # the live run is followed
+    assert window.resume_action.isEnabled() and not window.pause_action.isEnabled()
+
+    window.resume_action.trigger()
+    qtbot.waitUntil(lambda: chart_points(window, run_id) >= 3, timeout=TIMEOUT)  # live points in the chart
+    window.pause_action.trigger()
+    with qtbot.waitSignal(window.queue.paused, timeout=TIMEOUT):
+        pass
+    paused_step = window.runs_panel.model.run(run_id)["step"]
+    assert paused_step >= 3
+    assert window.runs_panel.model.run(run_id)["display_status"] == "paused"
+    assert "step" in window.runs_panel.progress_label.text()
+
+    window.resume_action.trigger()
+    qtbot.waitUntil(lambda: window.runs_panel.model.run(run_id)["step"] > paused_step, timeout=TIMEOUT)
+    with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:
+        window.stop_action.trigger()
+    assert finished.args == [run_id, "stopped"]
+    run = store.get_run(window.project.db, run_id)
+    stopped_at = store.checkpoints(window.project.db, run_id)[-1]["step"]
+    assert run["status"] == "stopped" and stopped_at > paused_step
+    qtbot.waitUntil(lambda: not window.queue.busy, timeout=TIMEOUT)
+
+    # close and reopen the project: the run and its curves are there
+    assert window.close_project()
+    assert window.runs_panel.model.rowCount() == 0
+    assert window.open_project(project_path)
+    row = window.runs_panel.model.run(run_id)
+    assert row["status"] == "stopped" and row["step"] == stopped_at and "loss" in row["last"]
+    window.runs_panel.select_runs([run_id])
+    qtbot.waitUntil(lambda: chart_points(window, run_id) == stopped_at, timeout=TIMEOUT)
+    assert window.run_setup.start_from.count() == 2  # the base model and the stop checkpoint
+
+
+def test_a_bad_file_shows_its_row_errors_and_imports_nothing(qtbot, window_with_project, tmp_path):
+    window = window_with_project
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}\n'
+                   '{"prompt": "Hi", "chosen": "Hello."}\n'
+                   "not json\n")
+    mime = QMimeData()  # dropped on the window, as a user would
+    mime.setUrls([QUrl.fromLocalFile(str(bad))])
+    drop = QDropEvent(QPointF(400, 300), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                      Qt.KeyboardModifier.NoModifier)
+    window.dropEvent(drop)
+    dialog = window.data_panel.preview_dialog
+    assert dialog is not None and dialog.isVisible()
+    qtbot.waitUntil(lambda: dialog.ready, timeout=TIMEOUT)
+    assert not dialog.import_button.isEnabled()
+    assert dialog.errors_box.isVisibleTo(dialog) and "2 problems" in dialog.errors_caption.text()
+    cells = [(dialog.errors.item(r, 0).text(), dialog.errors.item(r, 1).text(), dialog.errors.item(r, 2).text())
+             for r in range(dialog.errors.rowCount())]
+    assert ("2", "rejected", "missing") in cells
+    assert any(row == "3" and "invalid JSON" in message for row, _field, message in cells)
+    assert dialog.rows.rowCount() == 1  # the valid row is still previewed
+    dialog.start_import()  # refused while there are problems
+    assert store.datasets(window.project.db) == []
+    dialog.reject()
+    assert window.data_panel.stack.currentWidget() is window.data_panel.empty
+
+
+def test_a_dpo_run_without_pairs_is_refused_inline(qtbot, window_with_project):
+    window = window_with_project
+    assert launch_dpo(window) is None
+    assert window.run_setup.error.isVisibleTo(window.run_setup)
+    assert "no preference pairs" in window.run_setup.error.text()
+    assert store.list_runs(window.project.db) == []
+
+
+def test_a_run_that_runs_out_of_memory_fails_readably_and_the_window_stays_usable(
+        qtbot, window_with_project, tmp_path, monkeypatch):
+    from studio.core import dpo
+
+    window = window_with_project
+    import_pairs(qtbot, window, write_pairs(tmp_path / "pairs.jsonl"))
+    original = dpo.Engine.train_step
+
+    def out_of_memory_at_step_three(self, step):
+        if step == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB (simulated)")
+        return original(self, step)
+
+    monkeypatch.setattr(dpo.Engine, "train_step", out_of_memory_at_step_three)
+    with qtbot.waitSignal(window.queue.failed, timeout=TIMEOUT):
+        run_id = launch_dpo(window, checkpoint_every=1)
+    boxes = [box for box in window.findChildren(QMessageBox) if box.isVisible()]
+    assert len(boxes) == 1 and "smaller batch size" in boxes[0].text()
+    boxes[0].accept()
+    qtbot.waitUntil(lambda: not window.queue.busy, timeout=TIMEOUT)
+    assert window.runs_panel.model.run(run_id)["status"] == "failed"
+    assert [c["step"] for c in store.checkpoints(window.project.db, run_id)] == [1, 2]
+
+    monkeypatch.setattr(dpo.Engine, "train_step", original)  # still usable: the next run trains
+    with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:
+        second = launch_dpo(window, max_steps=2)
+    assert finished.args == [second, "completed"]
+
+
+def test_closing_during_a_run_stops_it_cleanly_with_a_checkpoint(qtbot, make_window, tmp_path, tiny_model_dir):
+    window = make_window()
+    assert window.create_project(tmp_path / "project", "Close test", {"kind": "folder", "path": str(tiny_model_dir)})
+    project_path = window.project.path
+    import_pairs(qtbot, window, write_pairs(tmp_path / "pairs.jsonl"))
+    run_id = launch_dpo(window)
+    qtbot.waitUntil(lambda: (window.runs_panel.model.run(run_id) or {}).get("step", 0) >= 2, timeout=TIMEOUT)
+    asked = []
+    window.confirm = lambda title, text: asked.append(title) or True
+    assert not window.close()  # not yet: it waits for the step boundary
+    assert asked and window.queue.stopping
+    qtbot.waitUntil(lambda: not window.isVisible(), timeout=TIMEOUT)
+    assert window.project is None and not window.queue.busy
+    db = store.connect(project_path)
+    run = store.get_run(db, run_id)
+    checkpoint = store.checkpoints(db, run_id)[-1]
+    assert run["status"] == "stopped" and checkpoint["step"] == max(store.run_metrics(db, run_id)["loss"][0])
+    db.close()
+
+
+def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_project):
+    import dataclasses
+
+    from studio.core import dpo, ppo
+
+    setup = window_with_project.run_setup
+    for method, module in (("dpo", dpo), ("ppo", ppo)):
+        form = setup.page(method).form
+        expected = {f.name for f in dataclasses.fields(module.Config)} - {"method", "parent_checkpoint_id", "reward_sources"}
+        assert set(form.editors) == expected
+        assert all(form.labels[name].toolTip() for name in expected)  # one line of help each
+        config = runs.make_config(method, setup.page(method).overrides())
+        assert config == module.Config()  # the untouched form gives the engine's defaults
+    assert "reference" in setup.page("dpo").form.labels["beta"].toolTip()
+    assert setup.page("dpo").form.editors["learning_rate"].widget.text() == "5e-05"
+
+    setup.apply_preset("Shape with PPO")
+    assert setup.current_method() == "ppo"
+    rewards = setup.page("ppo").rewards
+    assert rewards.value() == ppo.Config().reward_sources  # the table round-trips the engine's default
+    rewards.add_row({"type": "length_band", "weight": 0.5})
+    added = rewards.value()[-1]
+    assert added["type"] == "length_band" and added["weight"] == 0.5 and added["max"] == 60
+    setup.apply_preset("Settle with DPO")
+    assert setup.current_method() == "dpo" and setup.page("dpo").form.values()["beta"] == 0.1
+
+
+def test_runs_panel_diffs_two_configs_and_keeps_the_best_checkpoint(qtbot, window_with_project):
+    window = window_with_project
+    db = window.project.db
+    first = store.create_run(db, "dpo", runs.make_config("dpo", {"beta": 0.1}).to_json(), status="stopped")
+    second = store.create_run(db, "dpo", runs.make_config("dpo", {"beta": 0.3, "max_steps": 9}).to_json(), status="stopped")
+    store.write_metrics(db, first, [{"step": s, "time": 0.0, "loss": loss} for s, loss in
+                                    ((1, 0.7), (2, 0.5), (3, 0.6), (4, 0.4), (5, 0.45))])
+    for step in (2, 3, 5):
+        store.add_checkpoint(db, first, step, f"/tmp/checkpoint-{step}")
+    panel = window.runs_panel
+    panel.refresh()
+
+    with qtbot.waitSignal(panel.selection_changed):
+        panel.select_runs([first, second])
+    assert panel.diff.rowCount() == 2
+    assert {panel.diff.item(r, 0).text() for r in range(2)} == {"beta", "max_steps"}
+
+    panel.select_runs([first])
+    assert panel.best_metric.currentText() == "loss" and panel.best_direction.currentData() is False
+    with qtbot.waitSignal(panel.best_kept) as kept:
+        panel.stop_and_keep_best()
+    best = store.get_setting(db, "best_checkpoints")[str(first)]
+    assert best["step"] == 5 and best["value"] == 0.45 and kept.args == [first, best["checkpoint_id"]]
+    assert window.run_setup.start_from.currentData() == best["checkpoint_id"]  # preselected to start from
+
+
+def test_layout_is_remembered_and_reset_when_its_version_changes(qtbot, make_window, tmp_path, tiny_model_dir, settings_file):
+    window = make_window(wait_for_engines=False)
+    assert window.create_project(tmp_path / "p", "Remembered", {"kind": "folder", "path": str(tiny_model_dir)})
+    window.docks["data"].hide()
+    window.close()
+    assert not window.isVisible()
+
+    again = make_window(wait_for_engines=False)
+    assert again.docks["data"].isHidden()
+    assert again.last_project() == (tmp_path / "p").resolve()
+    assert again.recent_projects() == [str((tmp_path / "p").resolve())]
+    again.reset_layout()
+    assert not again.docks["data"].isHidden()
+    again.docks["data"].hide()
+    again.close()
+
+    settings = QSettings(str(settings_file), QSettings.Format.IniFormat)
+    settings.setValue("window/layout_version", LAYOUT_VERSION - 1)
+    settings.sync()
+    third = make_window(wait_for_engines=False)
+    assert not third.docks["data"].isHidden()  # an old layout is dropped
+
+
+def test_the_window_module_does_not_import_torch():
+    code = ("import sys, studio.ui.app\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'studio.core.runs', 'studio.core.generation') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "[]"
