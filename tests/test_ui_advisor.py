@@ -1,0 +1,145 @@
+"""The advisor panel on a synthetic history written into the store: verdict, cards, and buttons."""
+
+import json
+import time
+
+import pytest
+
+from studio.core import advisor, store
+from studio.ui.panels.advisor import AdvisorPanel
+from studio.ui.workers import wait_for_background_jobs
+
+TIMEOUT_MS = 20000
+
+
+def words(prompt_id, version, length=12):
+    return " ".join(f"w{prompt_id}v{version}i{i}" for i in range(length))
+
+
+def write_history(db, steps=100, every=20, long_from=3):
+    """A PPO run whose reward keeps rising while answers grow long and labels stop preferring them.
+
+    Returns (run id, checkpoint ids). Base samples: greedy plus 4 samples per eval prompt, half of
+    which break the "concise" rule.
+    """
+    prompts = [p["id"] for p in store.eval_prompts(db)]
+    base = [{"checkpoint_id": None, "prompt_id": p, "sample_index": i, "seed": i,
+             "decoding": {"temperature": 1.0, "seed": i}, "text": words(p, f"b{i % 2}"),
+             "scores": {"reward": float(i % 2), "rule_scores": {"concise": float(i % 2)},
+                        "broken_rules": [] if i % 2 else ["concise"]}}
+            for p in prompts for i in range(4)]
+    base += [{"checkpoint_id": None, "prompt_id": p, "sample_index": 0, "seed": 0,
+              "decoding": {"temperature": 0.0}, "text": words(p, "base")} for p in prompts]
+    store.add_samples(db, base)
+    run_id = store.create_run(db, "ppo", {"max_steps": steps}, status="completed")
+    store.write_metrics(db, run_id, [
+        {"step": s, "time": time.time(), "objective/scores": 0.02 * s + 0.05 * ((s * 7) % 3 - 1),
+         "objective/kl": 0.01 * s * (1 + s / 200)} for s in range(1, steps + 1)])
+    checkpoint_ids = []
+    for index, step in enumerate(range(every, steps + 1, every)):
+        checkpoint_id = store.add_checkpoint(db, run_id, step, f"/nowhere/checkpoint-{step}")
+        length = 12 if index < long_from else 12 + 8 * (index - long_from + 1)
+        store.add_samples(db, [{"checkpoint_id": checkpoint_id, "prompt_id": p, "sample_index": 0, "seed": 0,
+                                "decoding": {"temperature": 0.0}, "text": words(p, index, length)}
+                               for p in prompts])
+        later = index >= long_from
+        label_comparisons(db, checkpoint_id, wins=1 if later else 3, games=5)
+        checkpoint_ids.append(checkpoint_id)
+    return run_id, checkpoint_ids
+
+
+def label_comparisons(db, checkpoint_id, wins, games):
+    """`games` labelled comparisons of the checkpoint (side A) against the base; A wins `wins` of them."""
+    for game in range(games):
+        sources = [json.dumps({"kind": "model", "state": state}) for state in (checkpoint_id, "base")]
+        comparison_id = db["comparisons"].insert({
+            "prompt": '"q"', "response_a": "x", "response_b": "y", "source_a": sources[0],
+            "source_b": sources[1], "created_at": time.time()}).last_pk
+        db["labels"].insert({"comparison_id": comparison_id, "annotator": "ana",
+                             "choice": "a" if game < wins else "b", "created_at": time.time()})
+
+
+@pytest.fixture
+def panel(qtbot, project):
+    widget = AdvisorPanel()
+    qtbot.addWidget(widget)
+    widget.resize(1300, 900)
+    yield widget
+    assert wait_for_background_jobs()  # a refresh still reading must end before the project closes
+
+
+def open_project(qtbot, panel, project):
+    with qtbot.waitSignal(panel.advice_ready, timeout=TIMEOUT_MS) as blocker:
+        panel.set_project(project.path)
+    return blocker.args[0]
+
+
+def test_panel_shows_the_verdict_and_every_signal_of_a_synthetic_history(qtbot, panel, project):
+    run_id, checkpoint_ids = write_history(project.db)
+    advice = open_project(qtbot, panel, project)
+    assert advice.run_id == run_id and panel.selected_run() == run_id  # the newest PPO run is judged
+    assert advice.verdict == "switch_now"
+    assert panel.verdict.text() == "Switch to DPO now"
+    assert "Reward-hacking alarm" in panel.explanation.text()
+    assert advice.checkpoint_id == checkpoint_ids[2]  # the last one before answers grew long
+    assert f"checkpoint #{checkpoint_ids[2]}" in panel.refers_to.text()
+    assert "medium" in panel.tolerance.text()
+    assert panel.cards["length_drift"].value.text() == "+133%"  # 28 words vs 12
+    assert panel.cards["reward_hacking"].value.text() == "20%"
+    assert panel.dpo_button.text() == f"Start DPO from checkpoint #{checkpoint_ids[2]}"
+    assert all(not card.isHidden() for card in panel.cards.values())
+
+
+def test_risk_tolerance_and_the_base_only_view(qtbot, panel, project):
+    write_history(project.db)
+    store.set_setting(project.db, "risk_tolerance", "high")
+    open_project(qtbot, panel, project)
+    with qtbot.waitSignal(panel.advice_ready, timeout=TIMEOUT_MS) as blocker:
+        panel.run_selector.setCurrentIndex(panel.run_selector.findData(-1))
+    advice = blocker.args[0]
+    assert advice.run_id is None and advice.verdict == "ppo_first"  # half the samples break a rule
+    assert "8 of 16 base samples (50%) break a rule" in panel.explanation.text()
+    assert "high" in panel.tolerance.text()
+    assert panel.cards["length_drift"].isHidden() and not panel.cards["disagreement"].isHidden()
+    assert panel.label_button.text() == "Label pairs from the base"
+
+
+def test_start_dpo_button_creates_a_run_from_the_advised_checkpoint(qtbot, panel, project):
+    _, checkpoint_ids = write_history(project.db)
+    store.add_dataset(project.db, "pairs", "preference", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    open_project(qtbot, panel, project)
+    with qtbot.waitSignal(panel.run_created, timeout=TIMEOUT_MS) as blocker:
+        panel.dpo_button.click()
+    run = store.get_run(project.db, blocker.args[0])
+    assert run["method"] == "dpo" and run["parent_checkpoint_id"] == checkpoint_ids[2]
+    assert run["config"]["include_labels"] is True
+
+
+def test_label_and_trial_buttons_emit_what_the_actions_return(qtbot, panel, project, monkeypatch):
+    _, checkpoint_ids = write_history(project.db)
+    calls = []
+    monkeypatch.setattr(advisor, "label_pairs_from_checkpoint",
+                        lambda db, checkpoint_id: calls.append(("label", checkpoint_id)) or [11, 12])
+    monkeypatch.setattr(advisor, "create_quick_trial",
+                        lambda db, checkpoint_id: calls.append(("trial", checkpoint_id)) or (21, 22))
+    open_project(qtbot, panel, project)
+    with qtbot.waitSignal(panel.label_requested, timeout=TIMEOUT_MS) as blocker:
+        panel.label_button.click()
+    assert blocker.args == [[11, 12]]
+    with qtbot.waitSignal(panel.trial_created, timeout=TIMEOUT_MS) as blocker:
+        panel.trial_button.click()
+    assert blocker.args == [21, 22]
+    assert calls == [("label", checkpoint_ids[2]), ("trial", checkpoint_ids[2])]
+    assert panel.trial_button.isEnabled()  # enabled again once the action is done
+
+
+def test_sample_the_base_button_samples_then_judges_the_base(qtbot, panel, project, monkeypatch):
+    monkeypatch.setitem(advisor.SAMPLING, "max_new_tokens", 8)  # short answers: a quick test
+    advice = open_project(qtbot, panel, project)
+    assert advice.verdict == "need_evidence" and panel.selected_run() is None
+    with qtbot.waitSignal(panel.advice_ready, timeout=60000) as blocker:
+        panel.sample_button.click()
+        assert not panel.sample_button.isEnabled()  # one action at a time
+    assert blocker.args[0].verdict in ("ppo_first", "settle_dpo")
+    assert len(store.samples(project.db, None)) == 4 * (1 + advisor.BASE_SAMPLES)  # greedy + sampled
+    assert not panel.cards["rule_violations"].isHidden() and panel.cards["length_drift"].isHidden()
