@@ -1,0 +1,467 @@
+"""The PPO engine: the maths first (small pure functions), then rollouts and the training step.
+
+Proximal Policy Optimization, as RLHF uses it (Ziegler et al. 2019; TRL's PPOTrainer; CleanRL's
+ppo.py for the shape of this file). Each step:
+
+1. **Rollout**: sample one response per prompt from the policy (the model with its LoRA adapter),
+   with the KV cache, at ``temperature`` / ``top_p``, up to ``max_new_tokens`` or the end-of-turn
+   token. Everything after the first stop token is masked out (masks come from lengths: the pad
+   token is often the stop token).
+2. **Score**: the reward sources (``studio.core.rewards``) score each response; the reference
+   (the same model with its adapter disabled) gives the log-probs the KL penalty is measured from.
+3. **Advantages**: per-token reward = the score at the last response token, minus ``kl_coef`` times
+   the per-token KL everywhere; then GAE over the response tokens with the values of the value head.
+4. **Update**: ``ppo_epochs`` passes over ``num_minibatches`` minibatches of the clipped policy loss
+   plus ``vf_coef`` times the clipped value loss (minus an optional entropy bonus).
+
+The value head is a ``Linear(hidden, 1)`` on the policy's own last hidden state: no second model.
+The policy stays in eval mode for the whole run, so dropout never makes the rollout and the training
+forward passes differ (TRL disables dropout too). Rollout log-probs come from the very function
+training uses, so the probability ratio is exactly 1 on the first minibatch of the first epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from . import rewards, store
+from .dpo import SCHEDULERS, autocast, peak_memory_mb  # engine helpers shared with DPO
+from .generation import encode_prompt, left_pad, stop_token_ids
+from .runs import TrainConfig
+
+
+# --- the maths: tensors in, tensors out ---------------------------------------------------------
+# Shapes: [batch, response_tokens] unless said otherwise; `mask` is True on real response tokens.
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(values - mean) / std over the masked entries (unbiased variance, as TRL); 0 elsewhere."""
+    mean = masked_mean(values, mask)
+    centered = torch.where(mask, values - mean, 0)
+    variance = (centered ** 2).sum() / (mask.sum() - 1).clamp(min=1)
+    return centered * torch.rsqrt(variance + 1e-8)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) at the sampled tokens (Schulman, "Approximating KL").
+
+    k1 = log p - log q: unbiased, noisy, can be negative per token. k3 = (r - 1) - log r with
+    r = q / p: unbiased, never negative, lower variance.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
+
+
+class KLController:
+    """The KL coefficient: fixed, or adaptive (Ziegler et al. 2019) when a target KL is given.
+
+    Adaptive: after each batch, coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * samples / horizon,
+    so the coefficient rises while the policy drifts further than the target, and falls otherwise.
+    """
+
+    def __init__(self, coef: float, target: float | None = None, horizon: int = 10000) -> None:
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, samples: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.coef *= 1 + error * samples / self.horizon
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
+                  lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, non_score_rewards): -kl_coef * kl on every token, plus the score on the last one.
+
+    `scores`: [batch]; `kl`: zero after each response's end; `lengths`: response tokens per row.
+    """
+    non_score_rewards = -kl_coef * kl
+    rewards = non_score_rewards.clone()
+    rewards[torch.arange(len(scores)), lengths - 1] += scores
+    return rewards, non_score_rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by generalised advantage estimation over each masked response.
+
+    The episode ends at the last response token: nothing after it is worth anything.
+    """
+    rewards, values = torch.where(mask, rewards, 0), torch.where(mask, values, 0)
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+class PolicyLoss(NamedTuple):
+    loss: torch.Tensor
+    clipfrac: torch.Tensor  # share of tokens where the clipped objective was the binding one
+    approxkl: torch.Tensor  # 0.5 * mean (log ratio)^2: how far this update moved from the rollout
+    ratio: torch.Tensor  # mean probability ratio new / rollout
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, cliprange: float) -> PolicyLoss:
+    """PPO's clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 ± cliprange))."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    return PolicyLoss(loss=masked_mean(torch.max(unclipped, clipped), mask),
+                      clipfrac=masked_mean((clipped > unclipped).float(), mask),
+                      approxkl=0.5 * masked_mean(log_ratio.detach() ** 2, mask),
+                      ratio=masked_mean(ratio.detach(), mask))
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, clipfrac): 0.5 * mean of max((V - R)^2, (V_clipped - R)^2), V_clipped within ± of the rollout's."""
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    return (0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask),
+            masked_mean((clipped_error > unclipped_error).float(), mask))
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution: [batch, tokens, vocab] -> [batch, tokens]."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def response_lengths(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths, finished): tokens up to and including the first stop token, or all when none."""
+    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    finished = is_stop.any(dim=1)
+    lengths = torch.where(finished, is_stop.int().argmax(dim=1) + 1, tokens.shape[1])
+    return lengths, finished
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+@dataclass
+class Config(TrainConfig):
+    method: str = "ppo"
+    prompts_per_step: int = 8  # rollouts per step: one sampled response per prompt
+    max_new_tokens: int = 48  # longest response; a response is cut there if it has not stopped
+    temperature: float = 0.7  # sampling temperature; log-probs use the same temperature (as TRL)
+    top_p: float = 1.0  # nucleus sampling; log-probs still come from the full distribution (as TRL)
+    ppo_epochs: int = 1  # optimisation passes over each batch of rollouts
+    num_minibatches: int = 1  # each pass splits the batch into this many optimizer steps
+    cliprange: float = 0.2  # the policy ratio is clipped to 1 ± this
+    cliprange_value: float = 0.2  # values move at most this far from the rollout's per update
+    vf_coef: float = 0.1  # weight of the value loss next to the policy loss
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE lambda: lower trades variance for bias
+    kl_coef: float = 0.05  # per-token penalty for drifting from the reference (starting value if adaptive)
+    kl_estimator: str = "k1"  # "k1" (log-ratio) or "k3" (never negative, lower variance)
+    adaptive_kl: bool = False  # move kl_coef to keep the KL near target_kl (Ziegler et al.)
+    target_kl: float = 6.0  # adaptive only: KL per response (nats, summed over tokens) to aim for
+    kl_horizon: int = 10000  # adaptive only: samples over which the coefficient adapts
+    whiten_advantages: bool = True  # normalise advantages over each batch's response tokens
+    entropy_coef: float = 0.0  # bonus for the policy's entropy: keeps exploring
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses that never stop
+    reward_sources: list[dict] = field(default_factory=rewards.demo_preset)  # see rewards.describe_sources()
+    reward_normalization: bool = False  # scores become (score - running mean) / running std
+    reward_clip: float | None = None  # scores are clipped to ± this (after normalisation)
+    prompt_dataset_ids: list[int] | None = None  # prompt datasets to train on; None: every non-eval one
+
+
+def training_prompts(db, dataset_ids: list[int] | None) -> list[dict]:
+    rows = store.prompts(db, train_only=True)
+    return rows if dataset_ids is None else [r for r in rows if r["dataset_id"] in dataset_ids]
+
+
+def validate(config: Config, db) -> list[str]:
+    problems = []
+    at_least_one = ("prompts_per_step", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps", "kl_horizon")
+    problems += [f"{name} must be at least 1 (got {getattr(config, name)})"
+                 for name in at_least_one if getattr(config, name) < 1]
+    positive = ("temperature", "cliprange", "cliprange_value", "learning_rate", "target_kl")
+    problems += [f"{name} must be positive (got {getattr(config, name)})"
+                 for name in positive if not getattr(config, name) > 0]
+    not_negative = ("vf_coef", "kl_coef", "entropy_coef")
+    problems += [f"{name} must not be negative (got {getattr(config, name)})"
+                 for name in not_negative if not getattr(config, name) >= 0]
+    problems += [f"{name} must be between 0 and 1 (got {getattr(config, name)})"
+                 for name in ("gamma", "lam") if not 0 <= getattr(config, name) <= 1]
+    if not 0 < config.top_p <= 1:
+        problems.append(f"top_p must be in (0, 1] (got {config.top_p})")
+    if config.num_minibatches > config.prompts_per_step:
+        problems.append(f"num_minibatches ({config.num_minibatches}) cannot exceed prompts_per_step "
+                        f"({config.prompts_per_step})")
+    if config.kl_estimator not in ("k1", "k3"):
+        problems.append(f"kl_estimator must be 'k1' or 'k3' (got {config.kl_estimator!r})")
+    if config.missing_eos_penalty is not None and config.missing_eos_penalty < 0:
+        problems.append(f"missing_eos_penalty must not be negative (got {config.missing_eos_penalty})")
+    if config.reward_clip is not None and not config.reward_clip > 0:
+        problems.append(f"reward_clip must be positive (got {config.reward_clip})")
+    if config.prompt_dataset_ids is not None:
+        usable = {r["dataset_id"] for r in store.prompts(db, train_only=True)}
+        problems += [f"dataset {i} is not a training prompt dataset of this project"
+                     for i in config.prompt_dataset_ids if i not in usable]
+    if not training_prompts(db, config.prompt_dataset_ids):
+        problems.append("no training prompts: import a prompt dataset (eval prompts are never trained on)")
+    problems += rewards.check_sources(config.reward_sources, rewards.project_folder(db))
+    return problems
+
+
+# --- data order: a pure function of the step and the run's prompts (fixed at its start) -------
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_prompts: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
+def prompt_indices(seed: int, step: int, per_step: int, num_prompts: int) -> list[int]:
+    """The prompts of `step`: the next `per_step` positions of a seeded permutation per epoch."""
+    positions = range(step * per_step, (step + 1) * per_step)
+    return [epoch_order(seed, p // num_prompts, num_prompts)[p % num_prompts] for p in positions]
+
+
+# --- rollouts ---------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """A batch of prompts (left-padded) with their sampled responses (right-padded)."""
+
+    prompts: list  # as stored: chat messages or plain text
+    input_ids: torch.Tensor  # [batch, context_length + response width]
+    attention_mask: torch.Tensor  # 1 on prompt and response tokens, 0 on padding and after the stop token
+    context_length: int  # width of the padded prompts: responses start there
+    lengths: torch.Tensor  # [batch] response tokens, the stop token included
+    finished: torch.Tensor  # [batch] True when the response ended with a stop token
+    texts: list[str]  # the responses as text, special tokens left out
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.context_length:]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[batch, response width] True on each response's real tokens."""
+        positions = torch.arange(self.responses.shape[1], device=self.lengths.device)
+        return positions < self.lengths[:, None]
+
+
+class ForwardOutput(NamedTuple):
+    logprobs: torch.Tensor  # [rows, response width] of the response tokens, at the sampling temperature
+    values: torch.Tensor  # [rows, response width] value-head estimate before each response token
+    logits: torch.Tensor  # [rows, response width, vocab], divided by the temperature
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+class Engine:
+    def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
+        from transformers import get_scheduler
+
+        self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
+        rows = training_prompts(db, config.prompt_dataset_ids)
+        self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
+        self.prompts_by_id = {row["id"]: row["prompt"] for row in rows}
+        self.stop_ids = stop_token_ids(tokenizer, policy)
+        policy.eval()  # for the whole run: see the module docstring
+
+        hidden_size = policy.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden_size, 1).to(device)
+        torch.nn.init.zeros_(self.value_head.weight)  # values start at 0: no RNG drawn, no bias
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.parameters = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
+                                       num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+
+        self.kl_controller = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None,
+                                          config.kl_horizon)
+        self.normalizer = rewards.RewardNormalizer(config.reward_normalization, config.reward_clip)
+        project_path = Path(run_dir).parent.parent  # runs live in <project>/runs/<id>
+        self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, project_path, device)
+
+    # -- the one forward pass: rollout statistics and training both use it --
+
+    def forward(self, rollout: Rollout, rows: torch.Tensor) -> ForwardOutput:
+        """Log-probs, values and logits at the response positions of rollout rows `rows`.
+
+        The LM head runs only on the positions that predict a response token (logits_to_keep).
+        """
+        attention_mask = rollout.attention_mask[rows]
+        width = rollout.responses.shape[1]
+        with autocast(self.device):
+            output = self.model(input_ids=rollout.input_ids[rows], attention_mask=attention_mask,
+                                position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+                                logits_to_keep=width + 1, output_hidden_states=True, use_cache=False)
+            # Position i predicts token i + 1: drop the last position, which predicts nothing we sampled.
+            values = self.value_head(output.hidden_states[-1][:, -width - 1:-1]).squeeze(-1).float()
+        logits = output.logits[:, :-1].float() / self.config.temperature
+        targets = rollout.responses[rows].unsqueeze(-1)
+        logprobs = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return ForwardOutput(logprobs, values, logits)
+
+    # -- rollout and scoring --
+
+    @torch.no_grad()
+    def generate(self, prompts: list) -> Rollout:
+        """Sample one response per prompt with the KV cache and the global RNG (whose state every
+        checkpoint holds). Log-probs are not taken from sampling but from `forward`."""
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        prompt_ids, prompt_mask = left_pad(encoded, self.tokenizer.pad_token_id, self.device)
+        with autocast(self.device):
+            output = self.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.config.max_new_tokens,
+                do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p, top_k=0,
+                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+        generated = output[:, prompt_ids.shape[1]:]
+        lengths, finished = response_lengths(generated, self.stop_ids)
+        responses = generated[:, :int(lengths.max())]
+        response_mask = torch.arange(responses.shape[1], device=self.device) < lengths[:, None]
+        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True)
+                 for row, n in zip(responses.tolist(), lengths.tolist())]
+        return Rollout(prompts, torch.cat([prompt_ids, responses], dim=1),
+                       torch.cat([prompt_mask, response_mask.long()], dim=1), prompt_ids.shape[1],
+                       lengths, finished, texts)
+
+    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scores used for training, each reward source's raw scores)."""
+        total, breakdown = self.reward_function(rollout.prompts, rollout.texts)
+        scores = self.normalizer(total).to(self.device)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~rollout.finished).float()
+        return scores, breakdown
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """Log-probs of the responses under the reference: the same model with its adapter disabled."""
+        chunks = torch.arange(len(rollout)).tensor_split(self.config.num_minibatches)
+        with self.model.disable_adapter():
+            return torch.cat([self.forward(rollout, rows).logprobs for rows in chunks])
+
+    # -- the update --
+
+    def optimize(self, rollout: Rollout, scores: torch.Tensor, ref_logprobs: torch.Tensor) -> dict:
+        """Advantages from the rollout, then the PPO epochs; returns the step's statistics."""
+        config = self.config
+        mask = rollout.mask
+        epochs = [torch.randperm(len(rollout)).tensor_split(config.num_minibatches) for _ in range(config.ppo_epochs)]
+
+        # The first minibatch's forward pass serves twice: the policy has not moved yet, so it gives
+        # those rows' rollout log-probs and values, and then their first training loss (a pass saved).
+        first = self.forward(rollout, epochs[0][0])
+        old_logprobs, old_values = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
+        old_logprobs[epochs[0][0]], old_values[epochs[0][0]] = first.logprobs.detach(), first.values.detach()
+        with torch.no_grad():
+            for rows in epochs[0][1:]:
+                output = self.forward(rollout, rows)
+                old_logprobs[rows], old_values[rows] = output.logprobs, output.values
+
+        kl = torch.where(mask, kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator), 0)
+        kl_coef = self.kl_controller.coef
+        token_reward, non_score_reward = token_rewards(scores, kl, kl_coef, rollout.lengths)
+        advantages, returns = gae(token_reward, old_values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        history = defaultdict(list)
+        for epoch, minibatches in enumerate(epochs):
+            for index, rows in enumerate(minibatches):
+                if first is not None:  # epoch 0, minibatch 0: its forward pass is done already
+                    output, first = first, None
+                else:
+                    output = self.forward(rollout, rows)
+                rows_mask = mask[rows]
+                policy = policy_loss(output.logprobs, old_logprobs[rows], advantages[rows], rows_mask, config.cliprange)
+                value, value_clipfrac = value_loss(output.values, old_values[rows], returns[rows], rows_mask,
+                                                   config.cliprange_value)
+                with torch.set_grad_enabled(config.entropy_coef > 0):
+                    entropy = masked_mean(entropy_from_logits(output.logits), rows_mask)
+                loss = policy.loss + config.vf_coef * value - config.entropy_coef * entropy
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for name, number in (("policy/approxkl_avg", policy.approxkl), ("policy/clipfrac_avg", policy.clipfrac),
+                                     ("loss/policy_avg", policy.loss), ("loss/value_avg", value),
+                                     ("val/clipfrac_avg", value_clipfrac), ("val/ratio", policy.ratio),
+                                     ("policy/entropy_avg", entropy)):
+                    history[name].append(number.item())
+
+        mean_kl = kl.sum(1).mean().item()
+        self.kl_controller.update(mean_kl, len(rollout))
+        return {
+            "objective/kl": mean_kl,
+            "objective/entropy": torch.where(mask, -old_logprobs, 0).sum(1).mean().item(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
+            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean().item(),
+            "objective/scores": scores.mean().item(),
+            **{name: sum(numbers) / len(numbers) for name, numbers in history.items()},
+            "kl_coef": kl_coef,
+        }
+
+    def train_step(self, step: int) -> dict:
+        config = self.config
+        started = time.perf_counter()
+        indices = prompt_indices(config.seed, step, config.prompts_per_step, len(self.prompt_ids))
+        prompts = [self.prompts_by_id[self.prompt_ids[i]] for i in indices]
+        rollout = self.generate(prompts)
+        generated = time.perf_counter()
+        scores, breakdown = self.score(rollout)
+        ref_logprobs = self.reference_logprobs(rollout)
+        scored = time.perf_counter()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        statistics = self.optimize(rollout, scores, ref_logprobs)
+        self.scheduler.step()  # once per step, however many minibatch updates it made (as TRL)
+        trained = time.perf_counter()
+        tokens = int(rollout.attention_mask.sum())
+        return {
+            **statistics,
+            **{f"reward/{name}": values.mean().item() for name, values in breakdown.items()},
+            "response_length_mean": rollout.lengths.float().mean().item(),
+            "stop_token_rate": rollout.finished.float().mean().item(),
+            "learning_rate": learning_rate,
+            "samples_seen": (step + 1) * config.prompts_per_step,
+            "tokens_per_second": tokens / (trained - started),
+            "time/generation": generated - started,
+            "time/scoring": scored - generated,
+            "time/training": trained - scored,
+            "memory/peak_mb": peak_memory_mb(self.device),
+        }
+
+    # -- checkpoint state beyond adapter, optimizer, scheduler and RNG --
+
+    def extra_state(self) -> dict:
+        return {"value_head": self.value_head.state_dict(),
+                "kl_coef": torch.tensor(self.kl_controller.coef, dtype=torch.float64),
+                "reward_normalizer": self.normalizer.state_dict(),
+                "prompt_ids": torch.tensor(self.prompt_ids)}
+
+    def load_extra_state(self, state: dict) -> None:
+        # Prompts imported since the run started stay out of it: the data order stays the same.
+        prompt_ids = state["prompt_ids"].tolist()
+        missing = [i for i in prompt_ids if i not in self.prompts_by_id]
+        if missing:
+            raise ValueError(f"{len(missing)} of the run's training prompts are no longer in the project")
+        self.prompt_ids = prompt_ids
+        self.value_head.load_state_dict(state["value_head"])
+        self.kl_controller.coef = float(state["kl_coef"])
+        self.normalizer.load_state_dict(state["reward_normalizer"])
