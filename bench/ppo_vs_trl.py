@@ -185,8 +185,9 @@ def main() -> None:
     ours = steady_median(studio_seconds, args.warmup)
     split = {name: steady_median([r[f"time/{name}"] for r in records], args.warmup)
              for name in ("generation", "scoring", "training")}
+    length = statistics.mean(r["response_length_mean"] for r in records)
     print(f"\nstudio PPO: {ours:.2f} s/step (generation {split['generation']:.2f}, scoring {split['scoring']:.2f}, "
-          f"training {split['training']:.2f})")
+          f"training {split['training']:.2f}; responses of {length:.1f} tokens on average)")
     if trl:
         theirs = steady_median(trl["seconds"], args.warmup)
         print(f"TRL PPOTrainer: {theirs:.2f} s/step")

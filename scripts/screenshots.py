@@ -56,7 +56,7 @@ def main(project_dir: Path, out_dir: Path, live_steps: int = 6) -> None:
     window.queue.stop_all()
     wait_for(app, lambda: not window.queue.busy, 300)
 
-    window.centre.setCurrentWidget(window.compare_panel)
+    window.show_tab(window.compare_panel)
     window.compare_panel.refresh()
     spin(app, 3)
     window.compare_panel.grab().save(str(out_dir / "compare.png"))
@@ -69,7 +69,7 @@ def main(project_dir: Path, out_dir: Path, live_steps: int = 6) -> None:
     spin(app, 2)
     window.label_panel.grab().save(str(out_dir / "label.png"))
 
-    window.centre.setCurrentWidget(window.advisor_panel)
+    window.show_tab(window.advisor_panel)
     window.advisor_panel.refresh()
     spin(app, 8)
     window.advisor_panel.grab().save(str(out_dir / "advisor.png"))

@@ -54,19 +54,23 @@ def comparable_metrics(db, run_id):
     return {name: series for name, series in store.run_metrics(db, run_id).items() if name not in TIMING_METRICS}
 
 
-@pytest.fixture
-def tiny_policy(tiny_model_dir):
+def tiny_lora_policy(tiny_model_dir, **lora):
     """The tiny model with a LoRA adapter whose B is random, so the adapter changes the outputs."""
     from studio.core.models import ModelSource, add_lora, load_model
 
     model, tokenizer = load_model(ModelSource(kind="folder", path=str(tiny_model_dir)))
     torch.manual_seed(0)
-    policy = add_lora(model, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+    policy = add_lora(model, **lora)
     with torch.no_grad():
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
     return policy, tokenizer
+
+
+@pytest.fixture
+def tiny_policy(tiny_model_dir):
+    return tiny_lora_policy(tiny_model_dir, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
 
 
 # --- losses against hand computations ---------------------------------------------------------
@@ -185,14 +189,7 @@ def test_lm_head_only_on_responses_equals_full_forward(tiny_policy):
 
 
 def test_lora_dropout_does_not_fool_the_head_only_probe(tiny_model_dir):
-    from studio.core.models import ModelSource, add_lora, load_model
-
-    model, _ = load_model(ModelSource(kind="folder", path=str(tiny_model_dir)))
-    policy = add_lora(model, dropout=0.5)
-    with torch.no_grad():
-        for name, parameter in policy.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    policy, _ = tiny_lora_policy(tiny_model_dir, dropout=0.5)
     policy.train()
     assert dpo.head_only_matches_forward(policy) and policy.training
 

@@ -125,10 +125,12 @@ def test_check_sources_explains_what_is_wrong(tmp_path):
         {"type": "forbidden_words", "words": ["x"], "colour": "red"},
         {"type": "reward_model", "path": str(tmp_path / "missing")},
         {"type": "trained_reward_model", "model": "nope"},
+        {"type": "trained_reward_model", "model": "../elsewhere"},
     ], tmp_path)
-    assert len(problems) == 6
+    assert len(problems) == 7
     for expected, problem in zip(("min <= max", "not a valid regular expression", "Unknown reward source type",
-                                  "unknown parameter(s) colour", "folder not found", "no reward model named 'nope'"),
+                                  "unknown parameter(s) colour", "folder not found", "no reward model named 'nope'",
+                                  "not a reward model name"),
                                  problems):
         assert expected in problem
 

@@ -278,7 +278,7 @@ def unwrap(model):
 
 
 def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
-    """Sum of the response tokens' log-probs for each of the batch's sequences: shape [2P].
+    """Sum of the response tokens' log-probs for each of the batch's sequences: shape [sequences].
 
     `head_only`: run the transformer body, then the LM head only at the positions that predict a
     response token (calling the head module, so a LoRA adapter on it still applies). Otherwise

@@ -16,8 +16,9 @@ ppo.py for the shape of this file). Each step:
 
 The value head is a ``Linear(hidden, 1)`` on the policy's own last hidden state: no second model.
 The policy stays in eval mode for the whole run, so dropout never makes the rollout and the training
-forward passes differ (TRL disables dropout too). Rollout log-probs come from the very function
-training uses, so the probability ratio is exactly 1 on the first minibatch of the first epoch.
+forward passes differ (TRL disables dropout too). Rollout log-probs and values come from the very
+function training uses (for the first minibatch, from the very same forward pass, which saves one
+pass per step), so the probability ratio is exactly 1 on the first minibatch of the first epoch.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class Config(TrainConfig):
     num_minibatches: int = 1  # each pass splits the batch into this many optimizer steps
     cliprange: float = 0.2  # the policy ratio is clipped to 1 ± this
     cliprange_value: float = 0.2  # values move at most this far from the rollout's per update
-    vf_coef: float = 0.1  # weight of the value loss next to the policy loss
+    vf_coef: float = 0.1  # weight of the value loss next to the policy loss (both train the shared adapter)
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda: lower trades variance for bias
     kl_coef: float = 0.05  # per-token penalty for drifting from the reference (starting value if adaptive)
@@ -286,7 +287,7 @@ class Engine:
 
         hidden_size = policy.config.get_text_config().hidden_size
         self.value_head = torch.nn.Linear(hidden_size, 1).to(device)
-        torch.nn.init.zeros_(self.value_head.weight)  # values start at 0: no RNG drawn, no bias
+        torch.nn.init.zeros_(self.value_head.weight)  # values start at 0, and no random number is drawn
         torch.nn.init.zeros_(self.value_head.bias)
         self.parameters = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -248,12 +248,13 @@ class RewardModelFolder(RewardSource):
     """A sequence-classification reward model from a local folder (safetensors, one output)."""
 
     type: ClassVar[str] = "reward_model"
-    path: str = param("", "Folder of a Hugging Face sequence-classification model")
+    path: str = param("", "Folder of a Hugging Face sequence-classification model (relative: to the project)")
     batch_size: int = param(8, "Responses scored per forward pass")
     max_length: int = param(1024, "Tokens kept from the end of prompt + response")
 
     def folder(self, project_path: Path | None) -> Path:
-        return Path(self.path).expanduser()
+        path = Path(self.path).expanduser()
+        return path if path.is_absolute() or project_path is None else Path(project_path) / path
 
     def problems(self, project_path):
         return super().problems(project_path) + reward_model_folder_problems(self.folder(project_path))
@@ -276,7 +277,9 @@ class TrainedRewardModel(RewardSource):
 
     def problems(self, project_path):
         problems = super().problems(project_path)
-        if not (self.folder(project_path) / "meta.json").exists():
+        if not SAFE_NAME.match(self.model):
+            problems.append(f"trained_reward_model: {self.model!r} is not a reward model name")
+        elif not (self.folder(project_path) / "meta.json").exists():
             available = ", ".join(trained_reward_models(project_path)) or "none yet"
             problems.append(f"trained_reward_model: no reward model named {self.model!r} in this project "
                             f"(available: {available}); train one from labelled pairs first")

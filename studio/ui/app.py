@@ -18,7 +18,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QApplication, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget, QToolBar,
+    QApplication, QDockWidget, QFileDialog, QFrame, QLabel, QMainWindow, QMessageBox, QScrollArea, QTabWidget, QToolBar,
     QWidget,
 )
 
@@ -162,7 +162,12 @@ class MainWindow(QMainWindow):
     def _place(self, spec: PanelSpec) -> None:
         self._specs.append(spec)
         if spec.area == "centre":
-            self.centre.addTab(spec.widget, icon(spec.icon) if spec.icon else icon(""), spec.title)
+            # A scroll area per tab: a wide panel scrolls instead of squeezing the docks beside it.
+            scroll = QScrollArea()
+            scroll.setWidgetResizable(True)
+            scroll.setFrameShape(QFrame.Shape.NoFrame)
+            scroll.setWidget(spec.widget)
+            self.centre.addTab(scroll, icon(spec.icon) if spec.icon else icon(""), spec.title)
             self.centre.tabBar().setVisible(self.centre.count() > 1)
             return
         dock = QDockWidget(spec.title, self)
@@ -512,10 +517,15 @@ class MainWindow(QMainWindow):
         self._on_run_created(ppo_run_id)
         self._on_run_created(dpo_run_id)
         self.runs_panel.select_runs([ppo_run_id, dpo_run_id])
-        self.centre.setCurrentWidget(self.charts)
+        self.show_tab(self.charts)
+
+    def show_tab(self, panel: QWidget) -> None:
+        for index in range(self.centre.count()):
+            if self.centre.widget(index).widget() is panel:
+                self.centre.setCurrentIndex(index)
 
     def label_comparisons(self, comparison_ids: list) -> None:
-        self.centre.setCurrentWidget(self.label_panel)
+        self.show_tab(self.label_panel)
         self.label_panel.start_session(list(comparison_ids))
 
     def _on_runs_selected(self, run_ids: list) -> None:
