@@ -70,3 +70,11 @@ def test_two_threads_can_load_models_at_once(tiny_model_dir):
     with ThreadPoolExecutor(4) as pool:
         models = [future.result()[0] for future in [pool.submit(load_model, source) for _ in range(4)]]
     assert all(not any(p.is_meta for p in m.parameters()) for m in models)
+
+
+@pytest.mark.demo
+def test_converted_demo_folder_is_plain_safetensors_without_gguf_quantization():
+    folder = resolve_folder(ModelSource("demo"))
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (folder / "model.safetensors").exists() and (folder / "chat_template.jinja").exists()

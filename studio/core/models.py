@@ -27,6 +27,7 @@ DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
 # transformers builds a model on the meta device and then materialises it; two loads at once in one
 # process (the compare view and a starting run) fail with "Cannot copy out of meta tensor".
 _LOAD_LOCK = threading.Lock()
+CONVERSION_VERSION = 2  # bump when the converted folder changes: older caches are converted again
 
 
 class ModelLoadError(StudioError):
@@ -94,7 +95,8 @@ def resolve_folder(source: ModelSource) -> Path:
 
 def converted_gguf_folder(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    source_id = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}"
+    key = hashlib.sha256(source_id.encode()).hexdigest()[:12]
     folder = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (folder / "config.json").exists():
         return folder
@@ -117,8 +119,12 @@ def _convert_gguf(gguf_path: Path, folder: Path) -> None:
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unsupported GGUF files
         raise ModelLoadError(f"Cannot read GGUF file {gguf_path}: {exc}") from exc
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild it from its config.
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild it from its config. The
+    # weights are de-quantised fp32 now, so the GGUF quantization_config must not follow them (other
+    # tools, and merged exports, would treat the folder as quantised).
+    config = gguf_model.config
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
