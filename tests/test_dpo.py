@@ -20,15 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMING_METRICS = {"tokens_per_second", "step_seconds", "memory/peak_mb"}  # differ between any two runs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model runs faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 

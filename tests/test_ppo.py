@@ -14,15 +14,6 @@ SMALL = {"prompts_per_step": 4, "max_new_tokens": 6, "eval_max_new_tokens": 4, "
 TIMINGS = ("time/", "tokens_per_second", "step_seconds", "memory/")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread: a second one only adds sync costs, on a busy CPU many."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def add_prompts(project, count: int = 8) -> None:
     store.add_dataset(project.db, "prompts", "prompts", [{"prompt": f"Q{i}:"} for i in range(count)])
 

@@ -8,15 +8,6 @@ import torch
 from studio.core import labelling, rewards, store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread: a second one only adds sync costs, on a busy CPU many."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def score(source: dict, text: str, tokenizer=None) -> float:
     return rewards.source_from_json(source).score(text, tokenizer)
 
