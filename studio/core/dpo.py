@@ -20,10 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import torch.nn.functional as F
 
 from . import store
 from .generation import is_conversational
-from .runs import TrainConfig
+from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -340,13 +337,6 @@ def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: 
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-def autocast(device: str):
-    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere."""
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 # --- the run's data: tokenized pairs and their reference log-probs, fixed when the run starts ---
 
 DATA_FILE = "dpo_pairs.safetensors"
@@ -397,16 +387,6 @@ def prepare_run_data(config: Config, model, tokenizer, db, device: str, run_dir:
 
 # --- the engine -------------------------------------------------------------------------------
 
-SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}  # transformers names
-
-
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
 def disable_dropout_except_lora(model) -> None:
     """No dropout in the base model (TRL's disable_dropout); the LoRA dropout the user asked for stays."""
     for name, module in model.named_modules():
@@ -416,8 +396,6 @@ def disable_dropout_except_lora(model) -> None:
 
 class Engine:
     def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
-        from transformers import get_scheduler
-
         self.config, self.model, self.device = config, policy, device
         self.pad_id = tokenizer.pad_token_id
         disable_dropout_except_lora(policy)
@@ -436,9 +414,7 @@ class Engine:
         self.samples_seen = 0
 
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
-                                       num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+        self.optimizer, self.scheduler = make_optimizer(config, self.trainable)
 
     def batch_indices(self, batch_number: int) -> list[int]:
         """Pair indices of the run's `batch_number`-th batch: a pure function of the number and the seed."""

@@ -34,9 +34,8 @@ from typing import NamedTuple
 import torch
 
 from . import rewards, store
-from .dpo import SCHEDULERS, autocast, peak_memory_mb  # engine helpers shared with DPO
 from .generation import encode_prompt, left_pad, stop_token_ids
-from .runs import TrainConfig
+from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 
 # --- the maths: tensors in, tensors out ---------------------------------------------------------
@@ -276,8 +275,6 @@ class ForwardOutput(NamedTuple):
 
 class Engine:
     def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
-        from transformers import get_scheduler
-
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
         rows = training_prompts(db, config.prompt_dataset_ids)
         self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
@@ -290,9 +287,7 @@ class Engine:
         torch.nn.init.zeros_(self.value_head.weight)  # values start at 0, and no random number is drawn
         torch.nn.init.zeros_(self.value_head.bias)
         self.parameters = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
-                                       num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+        self.optimizer, self.scheduler = make_optimizer(config, self.parameters)
 
         self.kl_controller = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None,
                                           config.kl_horizon)

@@ -19,10 +19,13 @@ kill -9) repeats exactly what an uninterrupted run does on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
+import resource
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -72,6 +75,38 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"Unknown {cls.__module__.rsplit('.', 1)[-1]} setting(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+SCHEDULERS = {"linear": "linear", "constant": "constant_with_warmup", "cosine": "cosine"}  # transformers names
+
+
+def make_optimizer(config: TrainConfig, parameters):
+    """(AdamW, learning-rate scheduler) over the trainable `parameters`, as the config asks."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], optimizer,
+                              num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+    return optimizer, scheduler
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def engine_module(method: str):
