@@ -1,5 +1,5 @@
 """How responsive the window stays: launch time, chart redraw at 200k points, event-loop delay while
-a DPO run trains the demo model on the CPU in the window's run queue (a QThread worker).
+a DPO run trains the demo model on the CPU from the window's run queue (in a child process, followed by a QThread).
 
     .venv/bin/python bench/ui_responsiveness.py                 # everything (2-4 minutes)
     .venv/bin/python bench/ui_responsiveness.py --seconds 20    # a shorter training window
@@ -175,7 +175,7 @@ def make_project(tmp: Path, pairs: int) -> Path:
 
 
 def measure_training(seconds: float, pairs: int) -> dict:
-    """The charts panel in a window, fed by the window's own run queue (a QThread worker).
+    """The charts panel in a window, fed by the window's own run queue (the run trains in a child process).
 
     Not the whole MainWindow: its compare panel loads the base model in the background when a
     project opens, and two model loads at once fail in transformers (see docs/bench-notes/ui.md).
@@ -242,8 +242,12 @@ def measure_training(seconds: float, pairs: int) -> dict:
         raise RuntimeError(f"the run failed: {failures[0]}")
     extra = [(b - a) * 1000 - 10 for a, b in zip(ticks, ticks[1:])]
     stepping = [(b - a) * 1000 - 10 for a, b in zip(ticks, ticks[1:]) if records and a >= records[0]]
+    # Where the five longest stalls fell: seconds after the launch, and after the last step record.
+    longest = sorted(zip(extra, ticks), reverse=True)[:5]
+    stalls = [(delay, tick - started, tick - max([r for r in records if r <= tick], default=started))
+              for delay, tick in longest]
     return {"extra": extra, "stepping": stepping, "seconds": ended - started, "steps": len(records),
-            "first_record_s": (records[0] - started) if records else None}
+            "first_record_s": (records[0] - started) if records else None, "stalls": stalls}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -305,6 +309,8 @@ def main() -> None:
             print(line(f"event-loop extra delay, {name}: p99", percentile(delays, 99), "ms", GOALS["p99"],
                        REFERENCE["p99"]))
             print(line(f"event-loop extra delay, {name}: max", max(delays), "ms", GOALS["max"], REFERENCE["max"]))
+        print("# longest stalls: " + "; ".join(f"{delay:.0f} ms at {at:.1f} s ({after:.1f} s after a step record)"
+                                               for delay, at, after in result["stalls"]))
     print(f"# load after: {os.getloadavg()[0]:.2f}")
 
 

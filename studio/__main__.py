@@ -1,3 +1,4 @@
 from studio.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing this module must not start the app
+    raise SystemExit(main())

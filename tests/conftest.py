@@ -36,3 +36,21 @@ def project(tmp_path, tiny_model_dir):
         for text in ("Say hi.", "Name a colour.", "What is 2+2?", "Be brief.")], is_eval=True)
     yield project
     project.close()
+
+
+@pytest.fixture
+def make_toy_run(monkeypatch, project):
+    """Registers the toy engine (tests/toy_engine.py) and returns make(**overrides) -> a new run id.
+
+    The registry travels to child processes, so runs trained there find the toy engine too.
+    """
+    from studio.core import runs
+
+    monkeypatch.setitem(runs.ENGINE_MODULES, "toy", "tests.toy_engine")
+
+    def make(**overrides) -> int:
+        config = runs.make_config("toy", {"max_steps": 6, "checkpoint_every": 3, "eval_max_new_tokens": 2,
+                                          **overrides})
+        return runs.create_run(project.db, config)
+
+    return make

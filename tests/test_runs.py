@@ -7,22 +7,12 @@ import pytest
 from studio.core import runs, store
 
 
-@pytest.fixture(autouse=True)
-def toy_engine(monkeypatch):
-    monkeypatch.setitem(runs.ENGINE_MODULES, "toy", "tests.toy_engine")
-
-
-def make_run(project, **overrides):
-    config = runs.make_config("toy", {"max_steps": 6, "checkpoint_every": 3, "eval_max_new_tokens": 4, **overrides})
-    return runs.create_run(project.db, config)
-
-
 def losses(db, run_id):
     return store.run_metrics(db, run_id)["loss"]
 
 
-def test_run_completes_with_checkpoints_metrics_and_eval_samples(project):
-    run_id = make_run(project)
+def test_run_completes_with_checkpoints_metrics_and_eval_samples(project, make_toy_run):
+    run_id = make_toy_run()
     seen = []
     assert runs.execute(project.path, run_id, on_metrics=seen.append) == "completed"
     assert store.get_run(project.db, run_id)["status"] == "completed"
@@ -33,16 +23,16 @@ def test_run_completes_with_checkpoints_metrics_and_eval_samples(project):
     assert len(store.samples(project.db, last["id"])) == 4  # one greedy sample per eval prompt
 
 
-def test_unknown_setting_is_refused():
+def test_unknown_setting_is_refused(make_toy_run):
     with pytest.raises(runs.ConfigError, match="bogus"):
         runs.make_config("toy", {"bogus": 1})
 
 
-def test_stop_then_resume_gives_the_same_metrics_as_an_uninterrupted_run(project):
-    straight = make_run(project)
+def test_stop_then_resume_gives_the_same_metrics_as_an_uninterrupted_run(project, make_toy_run):
+    straight = make_toy_run()
     runs.execute(project.path, straight)
 
-    interrupted = make_run(project)
+    interrupted = make_toy_run()
     control = runs.RunControl()
     stop_after_four = lambda record: control.stop() if record["step"] == 4 else None
     assert runs.execute(project.path, interrupted, control, on_metrics=stop_after_four) == "stopped"
@@ -51,8 +41,8 @@ def test_stop_then_resume_gives_the_same_metrics_as_an_uninterrupted_run(project
     assert losses(project.db, interrupted) == losses(project.db, straight)
 
 
-def test_resume_discards_metrics_written_after_the_last_checkpoint(project):
-    run_id = make_run(project)
+def test_resume_discards_metrics_written_after_the_last_checkpoint(project, make_toy_run):
+    run_id = make_toy_run()
     runs.execute(project.path, run_id)
     # Simulate a kill -9 after step 3's checkpoint: later metrics were flushed, no checkpoint 6.
     last = store.checkpoints(project.db, run_id)[-1]
@@ -64,8 +54,8 @@ def test_resume_discards_metrics_written_after_the_last_checkpoint(project):
     assert losses(project.db, run_id) == expected  # no duplicated steps, same values
 
 
-def test_pause_holds_between_steps_until_resumed(project):
-    run_id = make_run(project, max_steps=4, checkpoint_every=10)
+def test_pause_holds_between_steps_until_resumed(project, make_toy_run):
+    run_id = make_toy_run(max_steps=4, checkpoint_every=10)
     control = runs.RunControl()
     paused_at = threading.Event()
 
@@ -86,18 +76,8 @@ def test_pause_holds_between_steps_until_resumed(project):
     assert losses(project.db, run_id)[0] == [1, 2, 3, 4]
 
 
-def test_failure_marks_run_failed_and_keeps_checkpoints(project, monkeypatch):
-    run_id = make_run(project)
-    from tests import toy_engine
-
-    original = toy_engine.Engine.train_step
-
-    def fail_at_five(self, step):
-        if step == 4:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return original(self, step)
-
-    monkeypatch.setattr(toy_engine.Engine, "train_step", fail_at_five)
+def test_failure_marks_run_failed_and_keeps_checkpoints(project, make_toy_run):
+    run_id = make_toy_run(fail_at_step=4, failure="CUDA out of memory (simulated)")
     with pytest.raises(RuntimeError):
         runs.execute(project.path, run_id)
     run = store.get_run(project.db, run_id)
@@ -105,10 +85,10 @@ def test_failure_marks_run_failed_and_keeps_checkpoints(project, monkeypatch):
     assert [c["step"] for c in store.checkpoints(project.db, run_id)] == [3]
 
 
-def test_export_merged_loads_with_transformers_alone(project, tmp_path):
+def test_export_merged_loads_with_transformers_alone(project, tmp_path, make_toy_run):
     from transformers import AutoModelForCausalLM
 
-    run_id = make_run(project, max_steps=3)
+    run_id = make_toy_run(max_steps=3)
     runs.execute(project.path, run_id)
     checkpoint = store.checkpoints(project.db, run_id)[-1]
     merged = runs.export_merged(project.db, checkpoint["id"], tmp_path / "merged")

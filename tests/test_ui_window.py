@@ -214,20 +214,15 @@ def test_a_dpo_run_without_pairs_is_refused_inline(qtbot, window_with_project):
 
 def test_a_run_that_runs_out_of_memory_fails_readably_and_the_window_stays_usable(
         qtbot, window_with_project, tmp_path, monkeypatch):
-    from studio.core import dpo
-
+    # Runs train in a child process, which gets this registry: a toy engine that fails as CUDA does.
+    monkeypatch.setitem(runs.ENGINE_MODULES, "toy", "tests.toy_engine")
     window = window_with_project
     import_pairs(qtbot, window, write_pairs(tmp_path / "pairs.jsonl"))
-    original = dpo.Engine.train_step
-
-    def out_of_memory_at_step_three(self, step):
-        if step == 2:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB (simulated)")
-        return original(self, step)
-
-    monkeypatch.setattr(dpo.Engine, "train_step", out_of_memory_at_step_three)
+    config = runs.make_config("toy", {"max_steps": 6, "checkpoint_every": 1, "eval_max_new_tokens": 2, "fail_at_step": 2,
+                                      "failure": "CUDA out of memory. Tried to allocate 1.50 GiB (simulated)"})
+    run_id = runs.create_run(window.project.db, config)
     with qtbot.waitSignal(window.queue.failed, timeout=TIMEOUT):
-        run_id = launch_dpo(window, checkpoint_every=1)
+        window._on_run_created(run_id)  # as the run setup does after a launch
     boxes = [box for box in window.findChildren(QMessageBox) if box.isVisible()]
     assert len(boxes) == 1 and "smaller batch size" in boxes[0].text()
     boxes[0].accept()
@@ -235,8 +230,7 @@ def test_a_run_that_runs_out_of_memory_fails_readably_and_the_window_stays_usabl
     assert window.runs_panel.model.run(run_id)["status"] == "failed"
     assert [c["step"] for c in store.checkpoints(window.project.db, run_id)] == [1, 2]
 
-    monkeypatch.setattr(dpo.Engine, "train_step", original)  # still usable: the next run trains
-    with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:
+    with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:  # still usable: the next run trains
         second = launch_dpo(window, max_steps=2)
     assert finished.args == [second, "completed"]
 

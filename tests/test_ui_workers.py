@@ -9,16 +9,6 @@ from studio.ui.workers import RunQueue, RunWorker, describe_error, wait_for_back
 TIMEOUT = 180_000  # generous: the CI cores are shared; waits end as soon as the signal comes
 
 
-@pytest.fixture(autouse=True)
-def toy_engine(monkeypatch):
-    monkeypatch.setitem(runs.ENGINE_MODULES, "toy", "tests.toy_engine")
-
-
-def make_run(project, **overrides):
-    config = runs.make_config("toy", {"max_steps": 6, "checkpoint_every": 3, "eval_max_new_tokens": 2, **overrides})
-    return runs.create_run(project.db, config)
-
-
 @pytest.fixture
 def queue(qtbot, project):
     queue = RunQueue()
@@ -32,8 +22,8 @@ def queue(qtbot, project):
     wait_for_background_jobs()
 
 
-def test_worker_turns_callbacks_into_signals(qtbot, project):
-    run_id = make_run(project)
+def test_worker_turns_callbacks_into_signals(qtbot, project, make_toy_run):
+    run_id = make_toy_run()
     worker = RunWorker(project.path, run_id)
     thread = QThread()
     worker.moveToThread(thread)
@@ -52,8 +42,8 @@ def test_worker_turns_callbacks_into_signals(qtbot, project):
     assert store.get_run(project.db, run_id)["status"] == "completed"
 
 
-def test_pause_is_reported_when_the_run_really_waits_and_stop_keeps_a_checkpoint(qtbot, project, queue):
-    run_id = make_run(project, max_steps=1000, checkpoint_every=500)
+def test_pause_is_reported_when_the_run_really_waits_and_stop_keeps_a_checkpoint(qtbot, project, queue, make_toy_run):
+    run_id = make_toy_run(max_steps=1000, checkpoint_every=500)
     queue.enqueue(run_id)
     queue.pause()  # honoured before the first step, after the model has loaded
     with qtbot.waitSignal(queue.paused, timeout=TIMEOUT) as paused:
@@ -75,8 +65,8 @@ def test_pause_is_reported_when_the_run_really_waits_and_stop_keeps_a_checkpoint
     assert max(store.run_metrics(project.db, run_id)["loss"][0]) == last
 
 
-def test_queue_runs_one_at_a_time_in_order_with_reorder_and_cancel(qtbot, project, queue):
-    first, second, third, fourth = (make_run(project, max_steps=2, checkpoint_every=2) for _ in range(4))
+def test_queue_runs_one_at_a_time_in_order_with_reorder_and_cancel(qtbot, project, queue, make_toy_run):
+    first, second, third, fourth = (make_toy_run(max_steps=2, checkpoint_every=2) for _ in range(4))
     started, changes = [], []
     queue.started.connect(started.append)
     queue.queue_changed.connect(changes.append)
@@ -110,18 +100,9 @@ def test_queue_runs_one_at_a_time_in_order_with_reorder_and_cancel(qtbot, projec
     assert not store.checkpoints(project.db, fourth)
 
 
-def test_out_of_memory_becomes_a_failed_signal_with_advice_and_the_queue_goes_on(qtbot, project, queue, monkeypatch):
-    from tests import toy_engine
-
-    original = toy_engine.Engine.train_step
-
-    def out_of_memory_at_step_five(self, step):
-        if step == 4:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return original(self, step)
-
-    monkeypatch.setattr(toy_engine.Engine, "train_step", out_of_memory_at_step_five)
-    failing = make_run(project)
+def test_out_of_memory_becomes_a_failed_signal_with_advice_and_the_queue_goes_on(qtbot, project, queue, make_toy_run):
+    failing = make_toy_run(fail_at_step=4,
+                       failure="CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
     with qtbot.waitSignal(queue.failed, timeout=TIMEOUT) as failed:
         queue.enqueue(failing)
     run_id, message = failed.args
@@ -131,16 +112,15 @@ def test_out_of_memory_becomes_a_failed_signal_with_advice_and_the_queue_goes_on
     assert run["status"] == "failed" and "out of memory" in run["error"]
     assert [c["step"] for c in store.checkpoints(project.db, failing)] == [3]  # the last checkpoint is intact
 
-    monkeypatch.setattr(toy_engine.Engine, "train_step", original)
     qtbot.waitUntil(lambda: not queue.busy, timeout=TIMEOUT)
-    healthy = make_run(project, max_steps=2)
+    healthy = make_toy_run(max_steps=2)
     with qtbot.waitSignal(queue.finished, timeout=TIMEOUT) as finished:
         queue.enqueue(healthy)
     assert finished.args == [healthy, "completed"]
 
 
-def test_an_error_before_training_starts_still_marks_the_run_failed(qtbot, project, queue, monkeypatch):
-    run_id = make_run(project)
+def test_an_error_before_training_starts_still_marks_the_run_failed(qtbot, project, queue, monkeypatch, make_toy_run):
+    run_id = make_toy_run()
     monkeypatch.setitem(runs.ENGINE_MODULES, "toy", "tests.no_such_engine")
     with qtbot.waitSignal(queue.failed, timeout=TIMEOUT) as failed:
         queue.enqueue(run_id)

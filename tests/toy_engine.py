@@ -15,6 +15,8 @@ from studio.core.runs import TrainConfig
 class Config(TrainConfig):
     method: str = "toy"
     learning_rate: float = 1e-2
+    fail_at_step: int | None = None  # raise RuntimeError(failure) instead of taking this step
+    failure: str = "simulated failure"
 
 
 def validate(config, db):
@@ -24,12 +26,15 @@ def validate(config, db):
 class Engine:
     def __init__(self, config, policy, tokenizer, db, device, run_dir):
         self.model = policy
+        self.config = config
         self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
         self.extra = torch.zeros(1)
         self.vocab = len(tokenizer)
 
     def train_step(self, step):
+        if step == self.config.fail_at_step:  # a config field, so it also works in a child process
+            raise RuntimeError(self.config.failure)
         ids = torch.randint(0, self.vocab, (2, 8))
         loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()

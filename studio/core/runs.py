@@ -133,33 +133,37 @@ def create_run(db, config: TrainConfig, name: str | None = None) -> int:
 
 
 class RunControl:
-    """Pause / resume / stop requests from another thread, honoured between steps."""
+    """Pause / resume / stop requests from another thread, honoured between steps.
 
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._running = threading.Event()
-        self._running.set()
+    `event_factory` makes its two flags: threading.Event for a run in a thread of this process,
+    a multiprocessing context's Event for a run in a child process (see ``run_process``).
+    """
+
+    def __init__(self, event_factory=threading.Event) -> None:
+        self.stop_flag = event_factory()
+        self.run_flag = event_factory()  # cleared while paused
+        self.run_flag.set()
 
     def pause(self) -> None:
-        self._running.clear()
+        self.run_flag.clear()
 
     def resume(self) -> None:
-        self._running.set()
+        self.run_flag.set()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._running.set()  # a paused run must wake up to stop
+        self.stop_flag.set()
+        self.run_flag.set()  # a paused run must wake up to stop
 
     @property
     def paused(self) -> bool:
-        return not self._running.is_set()
+        return not self.run_flag.is_set()
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop.is_set()
+        return self.stop_flag.is_set()
 
     def wait_while_paused(self) -> None:
-        self._running.wait()
+        self.run_flag.wait()
 
 
 class MetricsSink:

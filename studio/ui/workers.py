@@ -1,11 +1,14 @@
-"""Background work for the window: training runs in a QThread, one-off jobs in a thread pool.
+"""Background work for the window: training runs in child processes followed from a QThread,
+one-off jobs in a thread pool.
 
-* :class:`RunWorker` runs one training run (``studio.core.runs.execute``) in a ``QThread`` and turns
-  its callbacks into signals. It never touches a widget; it opens its own database connection.
+* :class:`RunWorker` follows one training run, which trains in a child process
+  (``studio.core.run_process``: in the window's own process its GIL-holding C calls would freeze
+  the window), and turns its messages into signals. It never touches a widget.
 * :class:`RunQueue` runs queued runs one after another (one GPU), with reorder and cancel.
 * :func:`run_in_background` runs a plain function in superqt's thread pool (model inspection, file
   previews, importing torch after the window is up) and delivers its result as a signal.
-* :func:`describe_error` turns an exception into a message a person can act on.
+* :func:`describe_error` (from ``studio.core.errors``) turns an exception into a message a person
+  can act on.
 
 ``studio.core.runs`` imports torch, so it is only imported inside functions: importing this module
 stays cheap and the window appears fast.
@@ -13,7 +16,6 @@ stays cheap and the window appears fast.
 
 from __future__ import annotations
 
-import functools
 import os
 import traceback
 from pathlib import Path
@@ -21,38 +23,7 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, QThread, Qt, Signal, Slot
 
-OOM_ADVICE = (
-    "Training ran out of memory. Try a smaller batch size, a shorter max length (prompt + response), "
-    "or shorter responses (max_new_tokens for PPO); lowering the LoRA rank helps a little too. "
-    "The run stopped; its last checkpoint is intact, so you can resume it after changing nothing, "
-    "or start a new run from that checkpoint with smaller settings."
-)
-
-USER_ERRORS = {"StudioError", "ConfigError", "ModelLoadError", "ProjectError", "DataImportError", "RewardError"}
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def describe_error(exc: BaseException) -> str:
-    """A readable message for an exception, with a suggestion where one is known."""
-    if is_out_of_memory(exc):
-        return f"{OOM_ADVICE}\n\n({type(exc).__name__}: {_first_line(exc)})"
-    # Errors the core raises for people (StudioError and the like) already carry a sentence for them.
-    if {cls.__name__ for cls in type(exc).__mro__} & USER_ERRORS:
-        return str(exc)
-    if isinstance(exc, FileNotFoundError):
-        return f"A file is missing: {exc.filename or exc}"
-    if isinstance(exc, KeyboardInterrupt):
-        return "The run was interrupted."
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
-
+from studio.core.errors import describe_error
 
 # --- one-off jobs -----------------------------------------------------------------------------
 
@@ -114,31 +85,15 @@ def load_engines(methods: tuple[str, ...] = ("dpo", "ppo")) -> dict:
 
 # --- training runs ----------------------------------------------------------------------------
 
-@functools.cache
-def _control_class():
-    """RunControl with hooks that say when a run really pauses (execute waits in wait_while_paused)."""
-    from studio.core.runs import RunControl
-
-    class SignallingControl(RunControl):
-        def __init__(self, on_paused: Callable[[], None], on_resumed: Callable[[], None]) -> None:
-            super().__init__()
-            self._on_paused, self._on_resumed = on_paused, on_resumed
-
-        def wait_while_paused(self) -> None:
-            self._on_paused()
-            super().wait_while_paused()
-            self._on_resumed()
-
-    return SignallingControl
-
-
 class RunWorker(QObject):
-    """Runs one training run. Create it in the GUI thread, move it to a QThread, start ``run``.
+    """Follows one training run, which trains in a child process (``studio.core.run_process``).
 
-    ``pause``, ``resume`` and ``stop`` may be called from any thread; the run honours them between
-    steps (a stop saves a checkpoint first).
+    Create it in the GUI thread, move it to a QThread, start ``run``: it starts the child and turns
+    its messages into signals. ``pause``, ``resume`` and ``stop`` may be called from any thread;
+    the run honours them between steps (a stop saves a checkpoint first).
     """
 
+    # The child's messages, by kind, become these signals (each with the run id first).
     metrics = Signal(int, dict)  # run id, step record ({"step", "time", metric: value, ...})
     log = Signal(int, str)
     paused = Signal(int)  # the run is really waiting now (after the step in progress)
@@ -149,10 +104,13 @@ class RunWorker(QObject):
 
     def __init__(self, project_path: Path | str, run_id: int) -> None:
         super().__init__()
+        from studio.core.run_process import RunProcess
+
         self.project_path = Path(project_path)
         self.run_id = run_id
-        self.control = _control_class()(lambda: self.paused.emit(self.run_id),
-                                        lambda: self.resumed.emit(self.run_id))
+        # Leave one core to the window: torch spinning on every core starves the GUI thread.
+        self.process = RunProcess(project_path, run_id, threads=max(1, (os.cpu_count() or 2) - 1))
+        self.control = self.process.control
 
     def pause(self) -> None:
         self.control.pause()
@@ -165,40 +123,17 @@ class RunWorker(QObject):
 
     @Slot()
     def run(self) -> None:
-        run_id = self.run_id
         try:
-            import torch
+            for kind, *args in self.process.messages():
+                getattr(self, kind).emit(self.run_id, *args)
+        except Exception as exc:  # the child could not start: say so, the window stays usable
+            from studio.core.run_process import mark_failed
 
-            from studio.core import runs
-
-            # Leave one core to the window: torch spinning on every core starves the GUI thread.
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-            status = runs.execute(self.project_path, run_id, self.control,
-                                  on_metrics=lambda record: self.metrics.emit(run_id, record),
-                                  on_log=lambda message: self.log.emit(run_id, message))
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the window
-            self.log.emit(run_id, "".join(traceback.format_exception(exc)).rstrip())
-            _mark_failed(self.project_path, run_id, exc)
-            self.failed.emit(run_id, describe_error(exc))
-        else:
-            self.finished.emit(run_id, status)
+            self.log.emit(self.run_id, "".join(traceback.format_exception(exc)).rstrip())
+            mark_failed(self.project_path, self.run_id, f"{type(exc).__name__}: {exc}")
+            self.failed.emit(self.run_id, describe_error(exc))
         finally:
             self.done.emit()
-
-
-def _mark_failed(project_path: Path, run_id: int, exc: BaseException) -> None:
-    """execute marks failures itself; this covers errors raised before its own handler."""
-    try:
-        from studio.core import store
-
-        db = store.connect(project_path)
-        try:
-            if store.get_run(db, run_id)["status"] != "failed":
-                store.set_run_status(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            db.close()
-    except Exception:
-        pass
 
 
 class RunQueue(QObject):
