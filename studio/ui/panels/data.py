@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
     QTableView, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
-from . import DANGER, OK, EmptyState, as_text, bold, hint_label, icon, one_line, show_message
+from . import DANGER, OK, EmptyState, RecordsTableModel, as_text, bold, hint_label, icon, one_line, show_message
 from ..workers import describe_error, run_in_background
 
 FILE_FILTER = "Data files (*.jsonl *.json *.csv *.parquet);;All files (*)"
@@ -79,42 +79,22 @@ class RowsModel(QAbstractTableModel):
         return None
 
 
-class DatasetsModel(QAbstractTableModel):
+class DatasetsModel(RecordsTableModel):
     """The project's datasets; the Eval column is checkable for prompt datasets."""
 
     COLUMNS = ("Name", "Kind", "Rows", "Eval")
     eval_toggled = Signal(int, bool)
 
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.datasets: list[dict] = []
-
-    def set_datasets(self, datasets: list[dict]) -> None:
-        self.beginResetModel()
-        self.datasets = datasets
-        self.endResetModel()
-
-    def rowCount(self, parent: _Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.datasets)
-
-    def columnCount(self, parent: _Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
-            return self.COLUMNS[section]
-        return None
-
     def flags(self, index: _Index) -> Qt.ItemFlag:
         flags = super().flags(index)
-        if index.isValid() and index.column() == 3 and self.datasets[index.row()]["kind"] == "prompts":
+        if index.isValid() and index.column() == 3 and self.records[index.row()]["kind"] == "prompts":
             flags |= Qt.ItemFlag.ItemIsUserCheckable
         return flags
 
     def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid():
             return None
-        d = self.datasets[index.row()]
+        d = self.records[index.row()]
         column = index.column()
         if role == Qt.ItemDataRole.DisplayRole:
             return {0: d["name"], 1: SHORT_KIND.get(d["kind"], d["kind"]), 2: f"{d['row_count'] or 0:,}",
@@ -135,7 +115,7 @@ class DatasetsModel(QAbstractTableModel):
     def setData(self, index: _Index, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:
         if role == Qt.ItemDataRole.CheckStateRole and index.column() == 3:
             checked = Qt.CheckState(value) == Qt.CheckState.Checked
-            self.eval_toggled.emit(self.datasets[index.row()]["id"], checked)
+            self.eval_toggled.emit(self.records[index.row()]["id"], checked)
             return True
         return False
 
@@ -422,7 +402,7 @@ class DataPanel(QWidget):
 
     def refresh(self) -> None:
         if self.project is None:
-            self.datasets_model.set_datasets([])
+            self.datasets_model.set_records([])
             self.stack.setCurrentWidget(self.no_project)
             return
         from studio.core import store
@@ -432,7 +412,7 @@ class DataPanel(QWidget):
             "SELECT dataset_id, MAX(is_eval) AS is_eval FROM prompts GROUP BY dataset_id")}
         rows = [{**d, "is_eval": bool(eval_flags.get(d["id"]))} for d in store.datasets(db)]
         selected = self.selected_dataset_id()
-        self.datasets_model.set_datasets(rows)
+        self.datasets_model.set_records(rows)
         self.stack.setCurrentWidget(self.content if rows else self.empty)
         ids = [d["id"] for d in rows]
         if rows:
@@ -441,12 +421,12 @@ class DataPanel(QWidget):
 
     def selected_dataset_id(self) -> int | None:
         index = self.datasets_view.currentIndex()
-        if not index.isValid() or index.row() >= len(self.datasets_model.datasets):
+        if not index.isValid() or index.row() >= len(self.datasets_model.records):
             return None
-        return self.datasets_model.datasets[index.row()]["id"]
+        return self.datasets_model.records[index.row()]["id"]
 
     def select_dataset(self, dataset_id: int) -> None:
-        for row, d in enumerate(self.datasets_model.datasets):
+        for row, d in enumerate(self.datasets_model.records):
             if d["id"] == dataset_id:
                 self.datasets_view.setCurrentIndex(self.datasets_model.index(row, 0))
                 self._load_rows(d)
@@ -454,7 +434,7 @@ class DataPanel(QWidget):
 
     def _on_dataset_selected(self, current: QModelIndex, _previous: QModelIndex) -> None:
         if current.isValid():
-            self._load_rows(self.datasets_model.datasets[current.row()])
+            self._load_rows(self.datasets_model.records[current.row()])
 
     def _load_rows(self, dataset: dict) -> None:
         from studio.core import store
@@ -484,7 +464,7 @@ class DataPanel(QWidget):
         with db.atomic():
             db.execute("UPDATE prompts SET is_eval = ? WHERE dataset_id = ?", [int(is_eval), dataset_id])
         model = self.datasets_model
-        for row, d in enumerate(model.datasets):
+        for row, d in enumerate(model.records):
             if d["id"] == dataset_id:
                 d["is_eval"] = is_eval
                 model.dataChanged.emit(model.index(row, 3), model.index(row, 3))

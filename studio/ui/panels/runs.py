@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, Signal
+from PySide6.QtCore import QModelIndex, QPersistentModelIndex, Qt, Signal
 from PySide6.QtGui import QColor, QFont
 from PySide6.QtWidgets import (
     QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLabel, QListWidget, QListWidgetItem,
@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QToolButton, QVBoxLayout, QWidget,
 )
 
-from . import DANGER, MUTED, OK, WARNING, EmptyState, hint_label, icon
+from . import DANGER, MUTED, OK, WARNING, EmptyState, RecordsTableModel, hint_label, icon
 
 _Index = QModelIndex | QPersistentModelIndex
 
@@ -96,50 +96,30 @@ def tokens_per_second(record: dict) -> float | None:
     return None
 
 
-class RunsTableModel(QAbstractTableModel):
+class RunsTableModel(RecordsTableModel):
     COLUMNS = ("Run", "Method", "Status", "Steps", "Last metrics", "Started")
 
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.runs: list[dict] = []
-
-    def load(self, runs: list[dict]) -> None:
-        self.beginResetModel()
-        self.runs = runs
-        self.endResetModel()
-
     def row_of(self, run_id: int) -> int | None:
-        for row, run in enumerate(self.runs):
+        for row, run in enumerate(self.records):
             if run["id"] == run_id:
                 return row
         return None
 
     def run(self, run_id: int) -> dict | None:
         row = self.row_of(run_id)
-        return None if row is None else self.runs[row]
+        return None if row is None else self.records[row]
 
     def update_run(self, run_id: int, **changes: Any) -> None:
         row = self.row_of(run_id)
         if row is None:
             return
-        self.runs[row].update(changes)
+        self.records[row].update(changes)
         self.dataChanged.emit(self.index(row, 0), self.index(row, len(self.COLUMNS) - 1))
-
-    def rowCount(self, parent: _Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.runs)
-
-    def columnCount(self, parent: _Index = QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
-            return self.COLUMNS[section]
-        return None
 
     def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid():
             return None
-        run, column = self.runs[index.row()], index.column()
+        run, column = self.records[index.row()], index.column()
         status = run["display_status"]
         if role == Qt.ItemDataRole.DisplayRole:
             if column == 0:
@@ -350,10 +330,10 @@ class RunsPanel(QWidget):
         """Reload the runs from the store, keeping the selection."""
         selected = self.selected_run_ids()
         if self.project is None:
-            self.model.load([])
+            self.model.set_records([])
         else:
-            self.model.load(self._load_runs())
-        self.table_stack.setCurrentWidget(self.view if self.model.runs else self.empty)
+            self.model.set_records(self._load_runs())
+        self.table_stack.setCurrentWidget(self.view if self.model.records else self.empty)
         self.select_runs(selected, emit=False)
         self._on_queue_changed(self.queue.queued)
         self.update_buttons()
@@ -394,7 +374,7 @@ class RunsPanel(QWidget):
     # --- selection ---
     def selected_run_ids(self) -> list[int]:
         rows = sorted({index.row() for index in self.view.selectionModel().selectedRows()})
-        return [self.model.runs[row]["id"] for row in rows if row < len(self.model.runs)]
+        return [self.model.records[row]["id"] for row in rows if row < len(self.model.records)]
 
     def select_runs(self, run_ids: list[int], emit: bool = True) -> None:
         selection = self.view.selectionModel()
