@@ -126,13 +126,15 @@ def test_check_sources_explains_what_is_wrong(tmp_path):
         assert expected in problem
 
 
-def test_demo_preset_prefers_concise_answers_without_filler():
+def test_demo_preset_prefers_concise_finished_answers_without_filler():
     reward = rewards.RewardFunction(rewards.demo_preset())
     direct = "Sunlight scatters off air molecules, and blue light scatters the most, so the sky looks blue from every direction."
     padded = "Certainly! Great question! " + direct + " I hope this helps! Let me know if you have any other questions."
-    total, breakdown = reward([None, None], [direct, padded])
-    assert breakdown["no_filler"].tolist() == [0.0, -4.0]
-    assert total[0] > total[1]
+    cut_off = direct.rsplit(" ", 3)[0]  # ran out of tokens mid-sentence
+    total, breakdown = reward([None] * 3, [direct, padded, cut_off])
+    assert breakdown["no_filler"].tolist() == [0.0, -4.0, 0.0]
+    assert breakdown["finished"].tolist() == [1.0, 1.0, 0.0]
+    assert total[0] > total[1] and total[0] > total[2]
 
 
 def test_normalizer_uses_running_statistics_then_clips():

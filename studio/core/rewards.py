@@ -362,9 +362,11 @@ DEMO_FILLER_PHRASES = [
 
 
 def demo_preset() -> list[dict]:
-    """No filler phrases (each costs 1) and 15-60 words (the target answers are 1-3 sentences)."""
+    """No filler phrases (each costs 1), 15-60 words, and a finished last sentence (the target
+    answers are 1-3 sentences; the base model mostly runs past PPO's 48-token budget mid-sentence)."""
     return [ForbiddenWords(name="no_filler", words=list(DEMO_FILLER_PHRASES)).to_json(),
-            LengthBand(name="concise", min=15, max=60, unit="words", falloff=30).to_json()]
+            LengthBand(name="concise", min=15, max=60, unit="words", falloff=30).to_json(),
+            TerminalPunctuation(name="finished").to_json()]
 
 
 # --- scoring ----------------------------------------------------------------------------------
