@@ -156,7 +156,8 @@ def test_score_outputs_adds_reward_and_logprob(trained, cache):
     assert "reward" not in outputs[0].figures  # copies: the inputs are left as they were
     filler = scored[0].figures
     assert filler["reward/no_filler"] == -1.0  # the demo preset: "Certainly!" is filler
-    assert filler["reward"] == pytest.approx(filler["reward/no_filler"] + filler["reward/concise"])
+    assert filler["reward/finished"] == 1.0  # ends with a full stop
+    assert filler["reward"] == pytest.approx(filler["reward/no_filler"] + filler["reward/concise"] + 1.0)
     assert filler["logprob_sum"] < 0 and filler["logprob_mean"] == pytest.approx(filler["logprob_sum"] / 17)
     assert "logprob_sum" not in scored[1].figures  # nothing to score
 

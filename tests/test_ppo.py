@@ -100,11 +100,10 @@ def test_clipped_value_loss_matches_a_hand_computation():
     assert clipfrac.item() == pytest.approx(0.5)
 
 
-def test_entropy_from_logits():
-    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -math.inf, -math.inf]]])
+def test_entropy_from_logprobs():
+    logprobs = torch.tensor([[[math.log(0.25)] * 4, [math.log(0.25), math.log(0.75), -1e9, -1e9]]])
     expected = [math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
-    assert ppo.entropy_from_logits(logits[:, :1]).squeeze().item() == pytest.approx(expected[0])
-    assert ppo.entropy_from_logits(logits[:, 1:, :2]).squeeze().item() == pytest.approx(expected[1])
+    assert ppo.entropy_from_logprobs(logprobs).squeeze(0).tolist() == pytest.approx(expected)
 
 
 def test_response_lengths_end_at_the_first_stop_token():

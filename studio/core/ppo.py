@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from . import rewards, store
-from .generation import encode_prompt, left_pad, stop_token_ids
+from .generation import encode_prompt, left_pad, prepacked_linears, stop_token_ids
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 
@@ -142,9 +142,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
             masked_mean((clipped_error > unclipped_error).float(), mask))
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution: [batch, tokens, vocab] -> [batch, tokens]."""
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, from its log-softmax: [..., vocab] -> [...]."""
+    return -(logprobs.exp() * logprobs).sum(-1)
 
 
 def response_lengths(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +268,7 @@ class Rollout:
 class ForwardOutput(NamedTuple):
     logprobs: torch.Tensor  # [rows, response width] of the response tokens, at the sampling temperature
     values: torch.Tensor  # [rows, response width] value-head estimate before each response token
-    logits: torch.Tensor  # [rows, response width, vocab], divided by the temperature
+    vocab_logprobs: torch.Tensor  # [rows, response width, vocab]: log-softmax of the logits at the temperature
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -303,27 +303,30 @@ class Engine:
         The LM head runs only on the positions that predict a response token (logits_to_keep).
         """
         attention_mask = rollout.attention_mask[rows]
-        width = rollout.responses.shape[1]
+        width, length = rollout.responses.shape[1], rollout.input_ids.shape[1]
+        # Position i predicts token i + 1: the positions before each response token, the last one left out.
+        # As indices (not a count), the LM head gets a contiguous input: one plain matmul, not a batched one.
+        predicting = torch.arange(length - width - 1, length - 1, device=self.device)
         with autocast(self.device):
             output = self.model(input_ids=rollout.input_ids[rows], attention_mask=attention_mask,
                                 position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
-                                logits_to_keep=width + 1, output_hidden_states=True, use_cache=False)
-            # Position i predicts token i + 1: drop the last position, which predicts nothing we sampled.
-            values = self.value_head(output.hidden_states[-1][:, -width - 1:-1]).squeeze(-1).float()
-        logits = output.logits[:, :-1].float() / self.config.temperature
-        targets = rollout.responses[rows].unsqueeze(-1)
-        logprobs = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return ForwardOutput(logprobs, values, logits)
+                                logits_to_keep=predicting, output_hidden_states=True, use_cache=False)
+            values = self.value_head(output.hidden_states[-1][:, predicting]).squeeze(-1).float()
+        # One vocabulary-sized log-softmax serves the sampled tokens' log-probs and the entropy.
+        vocab_logprobs = torch.log_softmax(output.logits.float() / self.config.temperature, dim=-1)
+        logprobs = vocab_logprobs.gather(-1, rollout.responses[rows].unsqueeze(-1)).squeeze(-1)
+        return ForwardOutput(logprobs, values, vocab_logprobs)
 
     # -- rollout and scoring --
 
     @torch.no_grad()
     def generate(self, prompts: list) -> Rollout:
         """Sample one response per prompt with the KV cache and the global RNG (whose state every
-        checkpoint holds). Log-probs are not taken from sampling but from `forward`."""
+        checkpoint holds), the frozen weights prepacked where the CPU allows. Log-probs are not taken
+        from sampling but from `forward`."""
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         prompt_ids, prompt_mask = left_pad(encoded, self.tokenizer.pad_token_id, self.device)
-        with autocast(self.device):
+        with autocast(self.device), prepacked_linears(self.model, len(prompts)):
             output = self.model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.config.max_new_tokens,
                 do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p, top_k=0,
@@ -390,7 +393,7 @@ class Engine:
                 value, value_clipfrac = value_loss(output.values, old_values[rows], returns[rows], rows_mask,
                                                    config.cliprange_value)
                 with torch.set_grad_enabled(config.entropy_coef > 0):
-                    entropy = masked_mean(entropy_from_logits(output.logits), rows_mask)
+                    entropy = masked_mean(entropy_from_logprobs(output.vocab_logprobs), rows_mask)
                 loss = policy.loss + config.vf_coef * value - config.entropy_coef * entropy
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
