@@ -201,28 +201,13 @@ def generate_outputs(cache: ModelCache, db, states: list[int | None], prompt, de
 
 
 def _generate_one(model, tokenizer, prompt, decoding: dict, on_text, cancel) -> Output:
-    """Mirrors generation.generate for one prompt (same seeding, same stop tokens), streaming."""
-    import torch
+    """generation.generate for one prompt (so the same seeding and stop tokens), streamed."""
+    from .generation import Decoding, generate
 
-    from .generation import cut_at_stop, encode_prompt, left_pad, stop_token_ids
-
-    device = next(model.parameters()).device
-    stops = stop_token_ids(tokenizer, model)
-    input_ids, attention_mask = left_pad([encode_prompt(tokenizer, prompt)], tokenizer.pad_token_id, device)
-    sampling = decoding["temperature"] > 0
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(decoding["seed"])
-        output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask,
-            max_new_tokens=decoding["max_new_tokens"], do_sample=sampling,
-            temperature=decoding["temperature"] if sampling else None,
-            top_p=decoding["top_p"] if sampling else None, top_k=0 if sampling else None,
-            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-            streamer=_streamer_class()(tokenizer, on_text, cancel),
-        )
-    response, finished = cut_at_stop(output[0, input_ids.shape[1]:].tolist(), stops)
-    text = tokenizer.decode(response, skip_special_tokens=True)
-    return Output(text, response, finished, figures=length_figures(text, len(response)))
+    [generation] = generate(model, tokenizer, [prompt], Decoding(**decoding),
+                            streamer=_streamer_class()(tokenizer, on_text, cancel))
+    text, response = generation.text, generation.response_ids
+    return Output(text, response, generation.finished, figures=length_figures(text, len(response)))
 
 
 # --- figures ----------------------------------------------------------------------------------

@@ -110,11 +110,12 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], bool
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, decoding: Decoding = Decoding(), batch_size: int = 8,
-             on_batch: Callable[[int, list[Generation]], None] | None = None) -> list[Generation]:
+             on_batch: Callable[[int, list[Generation]], None] | None = None, streamer=None) -> list[Generation]:
     """Generate one response per prompt. Seeded: the same call gives the same texts.
 
     The caller's RNG state is left untouched (training resumes bit-identically after eval samples).
-    `on_batch(first_index, generations)` is called after each batch, for progress and streaming.
+    `on_batch(first_index, generations)` is called after each batch, for progress; a transformers
+    `streamer` (one prompt only) receives the tokens as they come.
     """
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, model)
@@ -133,7 +134,7 @@ def generate(model, tokenizer, prompts: list, decoding: Decoding = Decoding(), b
                     max_new_tokens=decoding.max_new_tokens, do_sample=sampling,
                     temperature=decoding.temperature if sampling else None,
                     top_p=decoding.top_p if sampling else None, top_k=0 if sampling else None,
-                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                 )
                 batch = []
                 for row, prompt_ids in enumerate(encoded):
