@@ -7,8 +7,9 @@ Both sides: the demo model (SmolLM2-135M-Instruct, fp32), the same prompts, 8 pr
 linear layers, the CPU. TRL runs in its own virtual environment (bench/.venv-trl029, created on first
 use) in a subprocess; its reward and value models are copies of the base with a scalar head, as
 TRL's example scripts use. The studio uses its value head on the policy's trunk and a rule reward
-(the demo preset: no filler phrases, 15-60 words), so it runs two models fewer: part of the speed-up
-is that design. Reported: the median seconds per step after `warmup` steps, for each, and the ratio.
+(the demo preset: no filler phrases, 15-60 words, a finished sentence), so it runs two models
+fewer: part of the speed-up is that design. Reported: the median seconds per step after `warmup`
+steps, for each, and the ratio.
 
 Both sides use `--threads` torch threads (default 1): on a CPU shared with other jobs, two threads
 per process make a step up to ten times slower whenever a neighbour is busy (measured here), one
