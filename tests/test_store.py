@@ -107,3 +107,24 @@ def test_labelled_pairs_follow_undo_and_edits(tmp_path):
         db["labels"].insert({"comparison_id": comparison, "annotator": "ann", "choice": "b", "edited_text": "B+"})
         assert [(p["chosen"], p["rejected"]) for p in store.labelled_pairs(db)] == [("B+", "A")]
         assert db["labels"].count == 3  # history kept
+
+
+def test_metric_summaries_for_the_runs_table_and_the_wall_time_axis(tmp_path):
+    with store.Project.create(tmp_path / "p", base_model={"kind": "demo"}) as project:
+        db = project.db
+        first, second = (store.create_run(db, "dpo", {}) for _ in range(2))
+        store.write_metrics(db, first, [{"step": 1, "time": 10.0, "loss": 0.7, "accuracy": 0.5},
+                                        {"step": 2, "time": 12.5, "loss": 0.6}])
+        assert store.latest_metrics(db) == {first: (2, {"loss": 0.6})}  # a run without metrics is absent
+        assert store.metric_names(db, first) == ["accuracy", "loss"] and store.metric_names(db, second) == []
+        assert store.step_times(db, first) == {1: 10.0, 2: 12.5}
+
+
+def test_eval_flags_follow_set_eval(tmp_path):
+    with store.Project.create(tmp_path / "p", base_model={"kind": "demo"}) as project:
+        db = project.db
+        dataset = store.add_dataset(db, "prompts", "prompts", [{"prompt": "a"}, {"prompt": "b"}])
+        assert store.eval_flags(db) == {dataset: False} and store.count_rows(db, "prompts", "is_eval = 0") == 2
+        store.set_eval(db, dataset, True)
+        assert store.eval_flags(db) == {dataset: True} and store.count_rows(db, "prompts", "is_eval = 0") == 0
+        assert store.count_rows(db, "pairs") == 0

@@ -158,6 +158,8 @@ def test_create_import_train_pause_resume_stop_and_reopen(qtbot, window_with_pro
 
     window.resume_action.trigger()
     qtbot.waitUntil(lambda: window.runs_panel.model.run(run_id)["step"] > paused_step, timeout=TIMEOUT)
+    assert "running" in window.run_label.text()  # the status bar follows the live run
+    assert window.runs_panel.model.run(run_id)["started_at"] == store.get_run(window.project.db, run_id)["started_at"]
     with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:
         window.stop_action.trigger()
     assert finished.args == [run_id, "stopped"]

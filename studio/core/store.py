@@ -260,6 +260,23 @@ def eval_prompts(db: Database) -> list[dict]:
     return prompts(db, eval_only=True)
 
 
+def eval_flags(db: Database) -> dict[int, bool]:
+    """Prompt dataset id -> whether its prompts are evaluation prompts."""
+    return {row["dataset_id"]: bool(row["is_eval"]) for row in db.query(
+        "SELECT dataset_id, MAX(is_eval) AS is_eval FROM prompts GROUP BY dataset_id")}
+
+
+def set_eval(db: Database, dataset_id: int, is_eval: bool) -> None:
+    """Mark a prompt dataset as evaluation prompts (never trained on), or back to training prompts."""
+    with db.atomic():
+        db.execute("UPDATE prompts SET is_eval = ? WHERE dataset_id = ?", [int(is_eval), dataset_id])
+
+
+def count_rows(db: Database, table: str, where: str = "") -> int:
+    """Rows of `table` (pairs, prompts, ...), optionally under a WHERE clause written by the caller."""
+    return db[table].count_where(where) if where else db[table].count
+
+
 def pairs(db: Database, dataset_ids: Iterable[int] | None = None) -> list[dict]:
     sql, params = "SELECT * FROM pairs", []
     if dataset_ids is not None:
@@ -365,6 +382,26 @@ def run_metrics(db: Database, run_id: int) -> dict[str, tuple[list[int], list[fl
         steps, values = out.setdefault(row["name"], ([], []))
         steps.append(row["step"])
         values.append(row["value"])
+    return out
+
+
+def step_times(db: Database, run_id: int) -> dict[int, float]:
+    """Step -> when its record was written (the wall-time axis)."""
+    return {row["step"]: row["time"] for row in db.query(
+        "SELECT step, MIN(time) AS time FROM metrics WHERE run_id = ? GROUP BY step", [run_id])}
+
+
+def metric_names(db: Database, run_id: int) -> list[str]:
+    return [row["name"] for row in db.query(
+        "SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", [run_id])]
+
+
+def latest_metrics(db: Database) -> dict[int, tuple[int, dict[str, float]]]:
+    """Run id -> (its last step, that step's metrics), for every run with metrics."""
+    out: dict[int, tuple[int, dict[str, float]]] = {}
+    for row in db.query("SELECT m.run_id, m.step, m.name, m.value FROM metrics m JOIN (SELECT run_id, MAX(step) AS step "
+                        "FROM metrics GROUP BY run_id) last ON m.run_id = last.run_id AND m.step = last.step"):
+        out.setdefault(row["run_id"], (row["step"], {}))[1][row["name"]] = row["value"]
     return out
 
 

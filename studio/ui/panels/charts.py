@@ -549,16 +549,10 @@ class ChartsPanel(QWidget):
         except store.ProjectError:
             return None
         data = RunData.from_metrics(run_id, store.run_metrics(self._db, run_id),
-                                    self._step_times(run_id), **_run_info(run))
+                                    store.step_times(self._db, run_id), **_run_info(run))
         if live is not None:
             data.extend_after(live, data.last_step)
         return data
-
-    def _step_times(self, run_id: int) -> dict[int, float]:
-        # The store's run_metrics gives no times; the wall-time axis needs one per step.
-        rows = self._db.query("SELECT step, MIN(time) AS time FROM metrics WHERE run_id = ? GROUP BY step",
-                              [run_id])
-        return {row["step"]: row["time"] for row in rows}
 
     def _live_run(self, run_id: int) -> RunData:
         if self._db is not None:

@@ -408,9 +408,8 @@ class DataPanel(QWidget):
         from studio.core import store
 
         db = self.project.db
-        eval_flags = {row["dataset_id"]: row["is_eval"] for row in db.query(
-            "SELECT dataset_id, MAX(is_eval) AS is_eval FROM prompts GROUP BY dataset_id")}
-        rows = [{**d, "is_eval": bool(eval_flags.get(d["id"]))} for d in store.datasets(db)]
+        eval_flags = store.eval_flags(db)
+        rows = [{**d, "is_eval": eval_flags.get(d["id"], False)} for d in store.datasets(db)]
         selected = self.selected_dataset_id()
         self.datasets_model.set_records(rows)
         self.stack.setCurrentWidget(self.content if rows else self.empty)
@@ -460,9 +459,9 @@ class DataPanel(QWidget):
         """Mark a prompt dataset as evaluation prompts (or back to training prompts)."""
         if self.project is None:
             return
-        db = self.project.db
-        with db.atomic():
-            db.execute("UPDATE prompts SET is_eval = ? WHERE dataset_id = ?", [int(is_eval), dataset_id])
+        from studio.core import store
+
+        store.set_eval(self.project.db, dataset_id, is_eval)
         model = self.datasets_model
         for row, d in enumerate(model.records):
             if d["id"] == dataset_id:

@@ -754,7 +754,7 @@ class RunSetupPanel(QWidget):
             from studio.core import store
 
             db = self.project.db
-            names = {run["id"]: run["name"] for run in db.query("SELECT id, name FROM runs")}
+            names = {run["id"]: run["name"] for run in store.list_runs(db)}
             best = {int(k): v.get("checkpoint_id") for k, v in (store.get_setting(db, "best_checkpoints", {}) or {}).items()}
             for checkpoint in reversed(store.checkpoints(db)):
                 run_id = checkpoint["run_id"]
@@ -775,10 +775,12 @@ class RunSetupPanel(QWidget):
         text = "Create or open a project to configure a run." if self.project is None else ""
         method = self.current_method()
         if self.project is not None and method:
+            from studio.core import store
+
             db = self.project.db
-            if method == "dpo" and not db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]:
+            if method == "dpo" and not store.count_rows(db, "pairs"):
                 text = "Import preference pairs to start a DPO run (Data panel, or drop a file on the window)."
-            elif method == "ppo" and not db.execute("SELECT COUNT(*) FROM prompts WHERE is_eval = 0").fetchone()[0]:
+            elif method == "ppo" and not store.count_rows(db, "prompts", "is_eval = 0"):
                 text = "Import training prompts to start a PPO run (Data panel, or drop a file on the window)."
         self.hint.setText(text)
         self.hint.setVisible(bool(text))

@@ -163,7 +163,7 @@ class RunsPanel(QWidget):
     selection_changed = Signal(list)  # selected run ids, in table order
     best_kept = Signal(int, int)  # run id, checkpoint id
     runs_changed = Signal()  # the list of runs or their checkpoints changed
-    controls_changed = Signal()  # pause/resume/stop was requested: buttons and status may change
+    controls_changed = Signal()  # pause/resume/stop was requested, or a run's state changed: buttons and status may change
 
     def __init__(self, queue, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -343,16 +343,11 @@ class RunsPanel(QWidget):
         from studio.core import store
 
         db = self.project.db
-        steps = {r["run_id"]: r["step"] for r in db.query(
-            "SELECT run_id, MAX(step) AS step FROM metrics GROUP BY run_id")}
-        last: dict[int, dict] = {}
-        for r in db.query("SELECT m.run_id, m.name, m.value FROM metrics m JOIN (SELECT run_id, MAX(step) AS step "
-                          "FROM metrics GROUP BY run_id) t ON m.run_id = t.run_id AND m.step = t.step"):
-            last.setdefault(r["run_id"], {})[r["name"]] = r["value"]
+        latest = store.latest_metrics(db)
         out = []
         for run in store.list_runs(db):
-            run["step"] = steps.get(run["id"], 0)
-            run["last"] = {k: v for k, v in last.get(run["id"], {}).items() if k not in NOT_A_METRIC}
+            run["step"], last = latest.get(run["id"], (0, {}))
+            run["last"] = {k: v for k, v in last.items() if k not in NOT_A_METRIC}
             run["max_steps"] = run["config"].get("max_steps") or 0
             run["display_status"] = self._display_status(run["id"], run["status"])
             out.append(run)
@@ -429,9 +424,9 @@ class RunsPanel(QWidget):
         run_id = ids[0] if len(ids) == 1 else self.queue.current
         names: list[str] = []
         if self.project is not None and run_id is not None:
-            names = [r["name"] for r in self.project.db.query(
-                "SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", [run_id])
-                if r["name"] not in NOT_A_METRIC]
+            from studio.core import store
+
+            names = [name for name in store.metric_names(self.project.db, run_id) if name not in NOT_A_METRIC]
             live = self.model.run(run_id)
             if live:
                 names = sorted(set(names) | set(live["last"]))
@@ -564,8 +559,15 @@ class RunsPanel(QWidget):
         last = {k: v for k, v in record.items() if k not in NOT_A_METRIC}
         status = "running" if run["status"] in ("queued", "running") else run["status"]
         changes = {"step": record.get("step", run["step"]), "last": last, "status": status}
+        if run.get("started_at") is None:  # set in the store when the run started, after the table loaded
+            from studio.core import store
+
+            changes["started_at"] = store.get_run(self.project.db, run_id)["started_at"]
         changes["display_status"] = self._display_status(run_id, status)
+        state_changed = changes["display_status"] != run.get("display_status")
         self.model.update_run(run_id, **changes)
+        if state_changed:  # e.g. "starting" -> "running" at the first record: the status bar follows
+            self.controls_changed.emit()
         seconds = record.get("step_seconds")
         if seconds:
             previous = self._step_seconds.get(run_id)
