@@ -23,3 +23,19 @@ def test_prepacked_linears_give_the_same_logits_and_are_undone_on_exit(tiny_mode
     assert torch.allclose(inside, before, atol=1e-5)  # the same fp32 products, summed in another order
     assert torch.equal(after, before)
     assert not [m for m in policy.modules() if "forward" in vars(m)]  # every layer is back to its own forward
+
+
+def test_plain_text_prompts_are_encoded_as_dpo_trains_on_them(tiny_model_dir):
+    """A tokenizer that adds BOS (Llama's do) must see it at sampling time too, as in training."""
+    from transformers import AutoTokenizer
+
+    from studio.core.dpo import tokenize_pair
+    from studio.core.generation import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_bos_token = True
+    prompt = "Q: what colour is the sky?\nA:"
+    trained_on = tokenize_pair(tokenizer, {"prompt": prompt, "chosen": " Blue.", "rejected": " Green."}).prompt
+    encoded = encode_prompt(tokenizer, prompt)
+    assert encoded[0] == tokenizer.bos_token_id
+    assert encoded[:len(trained_on)] == trained_on

@@ -41,7 +41,7 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     if is_conversational(prompt):
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]  # BOS where the tokenizer adds one, as DPO and TRL tokenise prompts
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
