@@ -143,3 +143,16 @@ def test_sample_the_base_button_samples_then_judges_the_base(qtbot, panel, proje
     assert blocker.args[0].verdict in ("ppo_first", "settle_dpo")
     assert len(store.samples(project.db, None)) == 4 * (1 + advisor.BASE_SAMPLES)  # greedy + sampled
     assert not panel.cards["rule_violations"].isHidden() and panel.cards["length_drift"].isHidden()
+
+
+def test_cards_reflow_to_the_width_without_sideways_scrolling(qtbot, panel):
+    panel.show()
+    rows = {}
+    for width in (1400, 950):  # 950: about the centre area of a 1600 px window with its docks
+        panel.resize(width, 800)
+        qtbot.waitUntil(lambda: abs(panel.width() - width) < 2)
+        qtbot.wait(50)
+        assert panel.scroll.horizontalScrollBar().maximum() == 0, width
+        grid, keys = panel._grids[-1]  # the side-effects section: five cards
+        rows[width] = 1 + max(grid.getItemPosition(grid.indexOf(panel.cards[key]))[0] for key in keys)
+    assert rows == {1400: 1, 950: 2}

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSizePolicy,
@@ -162,6 +162,10 @@ def value_range(values: list[float], signal: advisor.Signal, floor: float | None
     return low - 0.15 * span, high + 0.25 * span
 
 
+CARD_MIN_WIDTH = 220
+CARD_SPACING = 8
+
+
 class SignalCard(QFrame):
     """One signal: name, value, trend, threshold, a chart, and the plain-words detail."""
 
@@ -171,7 +175,7 @@ class SignalCard(QFrame):
         self.setObjectName("signalCard")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.setStyleSheet("#signalCard { background: white; border: 1px solid #e5e7eb; border-radius: 6px; }")
-        self.setMinimumWidth(220)
+        self.setMinimumWidth(CARD_MIN_WIDTH)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 8, 10, 8)
         layout.setSpacing(2)
@@ -232,11 +236,13 @@ class AdvisorPanel(QWidget):
         outer.addLayout(self._build_toolbar())
         outer.addWidget(self._build_verdict())
         outer.addLayout(self._build_actions())
-        scroll = QScrollArea()
+        scroll = self.scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         body = QWidget()
         self.cards: dict[str, SignalCard] = {}
+        self._grids: list[tuple[QGridLayout, tuple[str, ...]]] = []  # each section's cards, reflowed to the width
+        self._columns = 0
         self.section_hints: dict[tuple[str, ...], QLabel] = {}  # shown while a section has no card
         sections = QVBoxLayout(body)
         sections.setContentsMargins(0, 0, 0, 0)
@@ -246,14 +252,36 @@ class AdvisorPanel(QWidget):
                                                   "with checkpoints above.")
             sections.addWidget(self.section_hints[keys])
             grid = QGridLayout()
-            grid.setSpacing(8)
-            for column, key in enumerate(keys):
+            grid.setSpacing(CARD_SPACING)
+            for key in keys:
                 self.cards[key] = SignalCard(key)
-                grid.addWidget(self.cards[key], 0, column)
+            self._grids.append((grid, keys))
             sections.addLayout(grid)
         sections.addStretch(1)
         scroll.setWidget(body)
         outer.addWidget(scroll, 1)
+        scroll.viewport().installEventFilter(self)  # reflow when the cards' viewport itself resizes
+        self._reflow()
+
+    def eventFilter(self, watched, event) -> bool:
+        if event.type() == QEvent.Type.Resize and watched is self.scroll.viewport():
+            self._reflow()
+        return super().eventFilter(watched, event)
+
+    def _reflow(self) -> None:
+        """As many cards per row as the width holds (no sideways scrolling in a narrow centre area)."""
+        width = self.scroll.viewport().width()
+        columns = max(1, min(max(len(keys) for _grid, keys in self._grids),
+                             (width + CARD_SPACING) // (CARD_MIN_WIDTH + CARD_SPACING)))
+        if columns == self._columns:
+            return
+        self._columns = columns
+        for grid, keys in self._grids:
+            for index, key in enumerate(keys):
+                grid.removeWidget(self.cards[key])
+                grid.addWidget(self.cards[key], index // columns, index % columns)
+            for column in range(grid.columnCount()):
+                grid.setColumnStretch(column, 1 if column < columns else 0)
 
     def _build_toolbar(self) -> QHBoxLayout:
         row = QHBoxLayout()
@@ -297,8 +325,10 @@ class AdvisorPanel(QWidget):
         self._colour_verdict("need_evidence")
         return box
 
-    def _build_actions(self) -> QHBoxLayout:
-        row = QHBoxLayout()
+    def _build_actions(self) -> QGridLayout:
+        # Two by two: in one row the four buttons would make the panel wider than the centre area of
+        # a 1600 px window with its docks open, and the verdict would be clipped.
+        grid = QGridLayout()
         self.sample_button = QPushButton(icon("fa6s.dice"), "Sample the base")
         self.sample_button.setToolTip(f"Sample every eval prompt {advisor.BASE_SAMPLES} times from the "
                                       "base model (temperature > 0) to see whether it is messy.")
@@ -314,10 +344,10 @@ class AdvisorPanel(QWidget):
         self.trial_button.setToolTip(f"Two short runs ({advisor.TRIAL_STEPS} steps) from the advised "
                                      "checkpoint, on the same eval prompts, to compare side by side.")
         self.trial_button.clicked.connect(self.start_trial)
-        for button in (self.sample_button, self.label_button, self.dpo_button, self.trial_button):
-            row.addWidget(button)
-        row.addStretch(1)
-        return row
+        for index, button in enumerate((self.sample_button, self.label_button, self.dpo_button, self.trial_button)):
+            grid.addWidget(button, index // 2, index % 2)
+        grid.setColumnStretch(2, 1)
+        return grid
 
     def _colour_verdict(self, verdict: str) -> None:
         colour = VERDICT_COLOURS[verdict]
