@@ -48,7 +48,7 @@ def main(project_dir: Path, out_dir: Path, live_steps: int = 6) -> None:
     setup.select_method("dpo")
     setup.page("dpo").form.set_values({"max_steps": 200, "checkpoint_every": 100, "learning_rate": 2e-4})
     live = setup.launch()
-    wait_for(app, lambda: (window.runs_panel.model.run(live) or {}).get("step", 0) >= live_steps, 900)
+    wait_for(app, lambda: (window.runs_panel.model.record(live) or {}).get("step", 0) >= live_steps, 900)
     window.runs_panel.select_runs(finished_runs + [live])
     spin(app, 2)
     window.grab().save(str(out_dir / "window.png"))

@@ -151,15 +151,15 @@ def test_create_import_train_pause_resume_stop_and_reopen(qtbot, window_with_pro
     window.pause_action.trigger()
     with qtbot.waitSignal(window.queue.paused, timeout=TIMEOUT):
         pass
-    paused_step = window.runs_panel.model.run(run_id)["step"]
+    paused_step = window.runs_panel.model.record(run_id)["step"]
     assert paused_step >= 3
-    assert window.runs_panel.model.run(run_id)["display_status"] == "paused"
+    assert window.runs_panel.model.record(run_id)["display_status"] == "paused"
     assert "step" in window.runs_panel.progress_label.text()
 
     window.resume_action.trigger()
-    qtbot.waitUntil(lambda: window.runs_panel.model.run(run_id)["step"] > paused_step, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: window.runs_panel.model.record(run_id)["step"] > paused_step, timeout=TIMEOUT)
     assert "running" in window.run_label.text()  # the status bar follows the live run
-    assert window.runs_panel.model.run(run_id)["started_at"] == store.get_run(window.project.db, run_id)["started_at"]
+    assert window.runs_panel.model.record(run_id)["started_at"] == store.get_run(window.project.db, run_id)["started_at"]
     with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:
         window.stop_action.trigger()
     assert finished.args == [run_id, "stopped"]
@@ -172,7 +172,7 @@ def test_create_import_train_pause_resume_stop_and_reopen(qtbot, window_with_pro
     assert window.close_project()
     assert window.runs_panel.model.rowCount() == 0
     assert window.open_project(project_path)
-    row = window.runs_panel.model.run(run_id)
+    row = window.runs_panel.model.record(run_id)
     assert row["status"] == "stopped" and row["step"] == stopped_at and "loss" in row["last"]
     window.runs_panel.select_runs([run_id])
     qtbot.waitUntil(lambda: chart_points(window, run_id) == stopped_at, timeout=TIMEOUT)
@@ -229,7 +229,7 @@ def test_a_run_that_runs_out_of_memory_fails_readably_and_the_window_stays_usabl
     assert len(boxes) == 1 and "smaller batch size" in boxes[0].text()
     boxes[0].accept()
     qtbot.waitUntil(lambda: not window.queue.busy, timeout=TIMEOUT)
-    assert window.runs_panel.model.run(run_id)["status"] == "failed"
+    assert window.runs_panel.model.record(run_id)["status"] == "failed"
     assert [c["step"] for c in store.checkpoints(window.project.db, run_id)] == [1, 2]
 
     with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:  # still usable: the next run trains
@@ -243,7 +243,7 @@ def test_closing_during_a_run_stops_it_cleanly_with_a_checkpoint(qtbot, make_win
     project_path = window.project.path
     import_pairs(qtbot, window, write_pairs(tmp_path / "pairs.jsonl"))
     run_id = launch_dpo(window)
-    qtbot.waitUntil(lambda: (window.runs_panel.model.run(run_id) or {}).get("step", 0) >= 2, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: (window.runs_panel.model.record(run_id) or {}).get("step", 0) >= 2, timeout=TIMEOUT)
     asked = []
     window.confirm = lambda title, text: asked.append(title) or True
     assert not window.close()  # not yet: it waits for the step boundary

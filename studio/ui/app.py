@@ -562,7 +562,7 @@ class MainWindow(QMainWindow):
         self.advisor_panel.refresh()
 
     def _run_name(self, run_id: int) -> str:
-        run = self.runs_panel.model.run(run_id)
+        run = self.runs_panel.model.record(run_id)
         return run["name"] if run else f"Run {run_id}"
 
     def _update_actions(self) -> None:
@@ -590,7 +590,7 @@ class MainWindow(QMainWindow):
             waiting = len(self.queue.queued)
             self.run_label.setText(f"{waiting} run(s) waiting" if waiting else "Idle")
         else:
-            run = self.runs_panel.model.run(current) or {}
+            run = self.runs_panel.model.record(current) or {}
             state = run.get("display_status") or ("paused" if self.queue.is_paused else "running")
             waiting = len(self.queue.queued)
             more = f", {waiting} waiting" if waiting else ""

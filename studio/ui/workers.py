@@ -89,7 +89,7 @@ class RunWorker(QObject):
     """Follows one training run, which trains in a child process (``studio.core.run_process``).
 
     Create it in the GUI thread, move it to a QThread, start ``run``: it starts the child and turns
-    its messages into signals. ``pause``, ``resume`` and ``stop`` may be called from any thread;
+    its messages into signals. ``control.pause()``, ``resume()`` and ``stop()`` work from any thread;
     the run honours them between steps (a stop saves a checkpoint first).
     """
 
@@ -111,15 +111,6 @@ class RunWorker(QObject):
         # Leave one core to the window: torch spinning on every core starves the GUI thread.
         self.process = RunProcess(project_path, run_id, threads=max(1, (os.cpu_count() or 2) - 1))
         self.control = self.process.control
-
-    def pause(self) -> None:
-        self.control.pause()
-
-    def resume(self) -> None:
-        self.control.resume()
-
-    def stop(self) -> None:
-        self.control.stop()
 
     @Slot()
     def run(self) -> None:
@@ -241,16 +232,16 @@ class RunQueue(QObject):
     # --- the current run ---
     def pause(self) -> None:
         if self._worker is not None:
-            self._worker.pause()
+            self._worker.control.pause()
 
     def resume(self) -> None:
         if self._worker is not None:
-            self._worker.resume()
+            self._worker.control.resume()
 
     def stop(self) -> None:
         """Stop the current run at the next step boundary (a checkpoint is saved); the queue goes on."""
         if self._worker is not None:
-            self._worker.stop()
+            self._worker.control.stop()
 
     def stop_all(self) -> None:
         """Cancel every waiting run and stop the current one (closing the window, switching project)."""

@@ -124,7 +124,8 @@ def show_message(parent: QWidget, title: str, text: str, details: str | None = N
 
 
 class RecordsTableModel(QAbstractTableModel):
-    """A table of dicts, one per row, under fixed column titles: subclasses say what each cell shows."""
+    """A table of dicts with an "id", one per row, under fixed column titles: subclasses say what each
+    cell shows."""
 
     COLUMNS: tuple[str, ...] = ()
 
@@ -136,6 +137,23 @@ class RecordsTableModel(QAbstractTableModel):
         self.beginResetModel()
         self.records = records
         self.endResetModel()
+
+    def row_of(self, record_id: int) -> int | None:
+        for row, record in enumerate(self.records):
+            if record["id"] == record_id:
+                return row
+        return None
+
+    def record(self, record_id: int) -> dict | None:
+        row = self.row_of(record_id)
+        return None if row is None else self.records[row]
+
+    def update_record(self, record_id: int, **changes: Any) -> None:
+        row = self.row_of(record_id)
+        if row is None:
+            return
+        self.records[row].update(changes)
+        self.dataChanged.emit(self.index(row, 0), self.index(row, len(self.COLUMNS) - 1))
 
     def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:
         return 0 if parent.isValid() else len(self.records)

@@ -425,11 +425,10 @@ class DataPanel(QWidget):
         return self.datasets_model.records[index.row()]["id"]
 
     def select_dataset(self, dataset_id: int) -> None:
-        for row, d in enumerate(self.datasets_model.records):
-            if d["id"] == dataset_id:
-                self.datasets_view.setCurrentIndex(self.datasets_model.index(row, 0))
-                self._load_rows(d)
-                return
+        row = self.datasets_model.row_of(dataset_id)
+        if row is not None:
+            self.datasets_view.setCurrentIndex(self.datasets_model.index(row, 0))
+            self._load_rows(self.datasets_model.records[row])
 
     def _on_dataset_selected(self, current: QModelIndex, _previous: QModelIndex) -> None:
         if current.isValid():
@@ -462,11 +461,7 @@ class DataPanel(QWidget):
         from studio.core import store
 
         store.set_eval(self.project.db, dataset_id, is_eval)
-        model = self.datasets_model
-        for row, d in enumerate(model.records):
-            if d["id"] == dataset_id:
-                d["is_eval"] = is_eval
-                model.dataChanged.emit(model.index(row, 3), model.index(row, 3))
+        self.datasets_model.update_record(dataset_id, is_eval=is_eval)
         if self.rows_model.kind == "prompts" and self.selected_dataset_id() == dataset_id:
             for row in self.rows_model._rows:
                 row["is_eval"] = int(is_eval)

@@ -99,23 +99,6 @@ def tokens_per_second(record: dict) -> float | None:
 class RunsTableModel(RecordsTableModel):
     COLUMNS = ("Run", "Method", "Status", "Steps", "Last metrics", "Started")
 
-    def row_of(self, run_id: int) -> int | None:
-        for row, run in enumerate(self.records):
-            if run["id"] == run_id:
-                return row
-        return None
-
-    def run(self, run_id: int) -> dict | None:
-        row = self.row_of(run_id)
-        return None if row is None else self.records[row]
-
-    def update_run(self, run_id: int, **changes: Any) -> None:
-        row = self.row_of(run_id)
-        if row is None:
-            return
-        self.records[row].update(changes)
-        self.dataChanged.emit(self.index(row, 0), self.index(row, len(self.COLUMNS) - 1))
-
     def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid():
             return None
@@ -405,7 +388,7 @@ class RunsPanel(QWidget):
             self.diff.setRowCount(0)
             self.diff_caption.setText("Select two runs to compare their settings.")
             return
-        a, b = (self.model.run(i) for i in ids)
+        a, b = (self.model.record(i) for i in ids)
         first = {"method": a["method"], "start from checkpoint": a.get("parent_checkpoint_id"), **a["config"]}
         second = {"method": b["method"], "start from checkpoint": b.get("parent_checkpoint_id"), **b["config"]}
         rows = config_diff(first, second)
@@ -427,7 +410,7 @@ class RunsPanel(QWidget):
             from studio.core import store
 
             names = [name for name in store.metric_names(self.project.db, run_id) if name not in NOT_A_METRIC]
-            live = self.model.run(run_id)
+            live = self.model.record(run_id)
             if live:
                 names = sorted(set(names) | set(live["last"]))
         current = self.best_metric.currentText()
@@ -452,13 +435,13 @@ class RunsPanel(QWidget):
         if self.project is None:
             return
         for run_id in self.selected_run_ids():
-            run = self.model.run(run_id)
+            run = self.model.record(run_id)
             if run and run["status"] != "completed":
                 self.start(run_id)
 
     def start(self, run_id: int) -> None:
         if self.queue.enqueue(run_id):
-            name = (self.model.run(run_id) or {}).get("name", f"Run {run_id}")
+            name = (self.model.record(run_id) or {}).get("name", f"Run {run_id}")
             self._log(run_id, f"Queued {name}" if self.queue.current != run_id else f"Starting {name}")
         self.refresh()
 
@@ -479,16 +462,16 @@ class RunsPanel(QWidget):
     def _refresh_current(self) -> None:
         current = self.queue.current
         if current is not None:
-            run = self.model.run(current)
+            run = self.model.record(current)
             if run:
-                self.model.update_run(current, display_status=self._display_status(current, run["status"]))
+                self.model.update_record(current, display_status=self._display_status(current, run["status"]))
         self.update_buttons()
         self.controls_changed.emit()
 
     def update_buttons(self) -> None:
         has_project = self.project is not None
         current = self.queue.current
-        selected = [self.model.run(i) for i in self.selected_run_ids()]
+        selected = [self.model.record(i) for i in self.selected_run_ids()]
         startable = [r for r in selected if r and r["status"] != "completed" and r["id"] != current
                      and r["id"] not in self.queue.queued]
         self.start_button.setEnabled(has_project and bool(startable))
@@ -508,7 +491,7 @@ class RunsPanel(QWidget):
         selected = self._queue_selected()
         self.queue_list.clear()
         for position, run_id in enumerate(queued, 1):
-            run = self.model.run(run_id)
+            run = self.model.record(run_id)
             item = QListWidgetItem(icon("fa6s.hourglass-half", MUTED),
                                    f"{position}. {run['name'] if run else f'Run {run_id}'}")
             item.setData(Qt.ItemDataRole.UserRole, run_id)
@@ -519,10 +502,10 @@ class RunsPanel(QWidget):
         title = f"Queue ({len(queued)})" if queued else "Queue"
         self.tabs.setTabText(1, title)
         for run_id in queued:
-            run = self.model.run(run_id)
+            run = self.model.record(run_id)
             if run:
-                self.model.update_run(run_id, display_status="waiting")
-        if current is not None and self.model.run(current):
+                self.model.update_record(run_id, display_status="waiting")
+        if current is not None and self.model.record(current):
             self._refresh_current()
         self.update_buttons()
 
@@ -548,12 +531,12 @@ class RunsPanel(QWidget):
     def _on_started(self, run_id: int) -> None:
         self._step_seconds.pop(run_id, None)
         self.refresh()
-        run = self.model.run(run_id)
+        run = self.model.record(run_id)
         if run:
             self._show_progress(run_id, run["step"], {})
 
     def _on_metrics(self, run_id: int, record: dict) -> None:
-        run = self.model.run(run_id)
+        run = self.model.record(run_id)
         if run is None:
             return
         last = {k: v for k, v in record.items() if k not in NOT_A_METRIC}
@@ -565,7 +548,7 @@ class RunsPanel(QWidget):
             changes["started_at"] = store.get_run(self.project.db, run_id)["started_at"]
         changes["display_status"] = self._display_status(run_id, status)
         state_changed = changes["display_status"] != run.get("display_status")
-        self.model.update_run(run_id, **changes)
+        self.model.update_record(run_id, **changes)
         if state_changed:  # e.g. "starting" -> "running" at the first record: the status bar follows
             self.controls_changed.emit()
         seconds = record.get("step_seconds")
@@ -581,7 +564,7 @@ class RunsPanel(QWidget):
         return {self.best_metric.itemText(i) for i in range(self.best_metric.count())}
 
     def _show_progress(self, run_id: int, step: int, record: dict) -> None:
-        run = self.model.run(run_id)
+        run = self.model.record(run_id)
         if run is None:
             return
         total = run["max_steps"] or 0
@@ -625,7 +608,7 @@ class RunsPanel(QWidget):
             self.keep_best(run_id, metric, higher)
         self.refresh()
         if self.queue.current in (None, run_id):
-            run = self.model.run(run_id)
+            run = self.model.record(run_id)
             if run:
                 self._show_progress(run_id, run["step"], {})
                 self.progress_label.setText(self.progress_label.text().split(" · ETA")[0] + f" · {run['status']}")
@@ -634,7 +617,7 @@ class RunsPanel(QWidget):
         self._log(run_id, message)
 
     def _log(self, run_id: int | None, message: str) -> None:
-        run = self.model.run(run_id) if run_id is not None else None
+        run = self.model.record(run_id) if run_id is not None else None
         who = run["name"] if run else (f"Run {run_id}" if run_id is not None else "")
         stamp = time.strftime("%H:%M:%S")
         lines = message.splitlines() or [""]
