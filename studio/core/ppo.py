@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from . import rewards, store
-from .generation import encode_prompt, left_pad, prepacked_linears, stop_token_ids
+from .generation import encode_prompt, left_pad, sample, stop_token_ids
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 
@@ -321,17 +321,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list) -> Rollout:
-        """Sample one response per prompt with the KV cache and the global RNG (whose state every
-        checkpoint holds), the frozen weights prepacked where the CPU allows. Log-probs are not taken
-        from sampling but from `forward`."""
+        """Sample one response per prompt with the global RNG (whose state every checkpoint holds).
+        Log-probs are not taken from sampling but from `forward`."""
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         prompt_ids, prompt_mask = left_pad(encoded, self.tokenizer.pad_token_id, self.device)
-        with autocast(self.device), prepacked_linears(self.model, len(prompts)):
-            output = self.model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.config.max_new_tokens,
-                do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p, top_k=0,
-                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
-        generated = output[:, prompt_ids.shape[1]:]
+        with autocast(self.device):
+            generated = sample(self.model, prompt_ids, prompt_mask, self.config.max_new_tokens, self.stop_ids,
+                               self.tokenizer.pad_token_id, self.config.temperature, self.config.top_p)
         lengths, finished = response_lengths(generated, self.stop_ids)
         responses = generated[:, :int(lengths.max())]
         response_mask = torch.arange(responses.shape[1], device=self.device) < lengths[:, None]
