@@ -101,9 +101,13 @@ def test_clipped_value_loss_matches_a_hand_computation():
 
 
 def test_entropy_from_logprobs():
-    logprobs = torch.tensor([[[math.log(0.25)] * 4, [math.log(0.25), math.log(0.75), -1e9, -1e9]]])
+    # A masked vocabulary gives -inf log-probs: those tokens add nothing (0 * -inf must not be NaN).
+    logprobs = torch.tensor([[[math.log(0.25)] * 4, [math.log(0.25), math.log(0.75), -math.inf, -math.inf]]])
     expected = [math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
     assert ppo.entropy_from_logprobs(logprobs).squeeze(0).tolist() == pytest.approx(expected)
+    logits = torch.tensor([0.0, 1.0, -math.inf], requires_grad=True)  # and so is its gradient
+    ppo.entropy_from_logprobs(torch.log_softmax(logits, -1)).backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_response_lengths_end_at_the_first_stop_token():

@@ -144,7 +144,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     """Entropy of each position's next-token distribution, from its log-softmax: [..., vocab] -> [...]."""
-    return -(logprobs.exp() * logprobs).sum(-1)
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # masked tokens: 0 * -inf would be NaN
+    return -(logprobs.exp() * finite).sum(-1)
 
 
 def response_lengths(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
