@@ -1,15 +1,16 @@
 """Seconds per PPO step: TRL 0.29.1's PPOTrainer against the studio's engine, same work, same machine.
 
-    .venv/bin/python bench/ppo_vs_trl.py [--steps 6] [--warmup 2] [--threads 1] [--skip-trl]
+    .venv/bin/python bench/ppo_vs_trl.py [--steps 6] [--warmup 2] [--threads 1] [--skip-trl] [--rules-only]
 
 Both sides: the demo model (SmolLM2-135M-Instruct, fp32), the same prompts, 8 prompts per step,
 48 new tokens (sampled at temperature 0.7, top_p 1), 1 PPO epoch of 1 minibatch, LoRA r=16 on all
 linear layers, the CPU. TRL runs in its own virtual environment (bench/.venv-trl029, created on first
 use) in a subprocess; its reward and value models are copies of the base with a scalar head, as
-TRL's example scripts use. The studio uses its value head on the policy's trunk and a rule reward
-(the demo preset: no filler phrases, 15-60 words, a finished sentence), so it runs two models
-fewer: part of the speed-up is that design. Reported: the median seconds per step after `warmup`
-steps, for each, and the ratio.
+TRL's example scripts use. The studio uses its value head on the policy's trunk (no value model: that
+design is part of the speed-up) and is timed twice: with a rule reward (the demo preset: no filler
+phrases, 15-60 words, a finished sentence), and with TRL's reward model (the same copy of the base
+with a scalar head, as a `reward_model` source), so the reward work is equal too. Reported: the
+median seconds per step after `warmup` steps, for each, and the ratios.
 
 Both sides use `--threads` torch threads (default 1): on a CPU shared with other jobs, two threads
 per process make a step up to ten times slower whenever a neighbour is busy (measured here), one
@@ -51,10 +52,11 @@ def steady_median(seconds: list[float], warmup: int) -> float:
 
 # --- the studio side --------------------------------------------------------------------------
 
-def run_studio(prompts: list, steps: int) -> list[dict]:
-    """Per-step metrics of a PPO run through runs.execute on a fresh demo project."""
+def run_studio(prompts: list, steps: int, reward_sources: list[dict] | None = None) -> list[dict]:
+    """Per-step metrics of a PPO run through runs.execute on a fresh demo project (reward: the
+    demo rule preset unless `reward_sources` are given)."""
     sys.path.insert(0, str(ROOT))
-    from studio.core import runs, store
+    from studio.core import rewards, runs, store
 
     with tempfile.TemporaryDirectory() as folder:
         project = store.Project.create(Path(folder) / "bench", base_model={"kind": "demo"})
@@ -63,12 +65,25 @@ def run_studio(prompts: list, steps: int) -> list[dict]:
             "max_steps": steps, "checkpoint_every": steps, "prompts_per_step": PROMPTS_PER_STEP,
             "max_new_tokens": NEW_TOKENS, "temperature": TEMPERATURE, "top_p": 1.0, "ppo_epochs": 1,
             "num_minibatches": 1, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "learning_rate": LEARNING_RATE,
-            "lora_target_modules": "all-linear", "device": "cpu"})
+            "lora_target_modules": "all-linear", "device": "cpu",
+            "reward_sources": reward_sources or rewards.demo_preset()})
         run_id = runs.create_run(project.db, config)
         records = []
         runs.execute(project.path, run_id, on_metrics=records.append)
         project.close()
     return records
+
+
+def save_reward_model_copy(model_folder: Path, folder: Path) -> Path:
+    """The base with a fresh one-output head, as a sequence-classification folder: TRL's reward model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_folder, num_labels=1, dtype=torch.float32)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_folder).save_pretrained(folder)
+    return folder
 
 
 # --- the TRL side (runs inside bench/.venv-trl029) ----------------------------------------------
@@ -159,6 +174,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
     parser.add_argument("--skip-trl", action="store_true", help="time the studio only")
+    parser.add_argument("--rules-only", action="store_true",
+                        help="time the studio with the rule reward only, not also with a reward model")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -179,20 +196,26 @@ def main() -> None:
     if trl:
         print(f"TRL {trl['versions']['trl']} (torch {trl['torch']}, {trl['versions']}): "
               f"{[round(s, 2) for s in trl['seconds']]}", flush=True)
-    records = run_studio(prompts, args.steps)
-    studio_seconds = [r["step_seconds"] for r in records]
-    print(f"studio: {[round(s, 2) for s in studio_seconds]}  load average now {os.getloadavg()}")
-
-    ours = steady_median(studio_seconds, args.warmup)
-    split = {name: steady_median([r[f"time/{name}"] for r in records], args.warmup)
-             for name in ("generation", "scoring", "training")}
-    length = statistics.mean(r["response_length_mean"] for r in records)
-    print(f"\nstudio PPO: {ours:.2f} s/step (generation {split['generation']:.2f}, scoring {split['scoring']:.2f}, "
-          f"training {split['training']:.2f}; responses of {length:.1f} tokens on average)")
+    results = {"the demo rule reward": run_studio(prompts, args.steps)}
+    if not args.rules_only:
+        with tempfile.TemporaryDirectory() as folder:
+            reward_model = save_reward_model_copy(model_folder, Path(folder) / "reward-model")
+            results["a reward model, copy of the base (as TRL)"] = run_studio(
+                prompts, args.steps, [{"type": "reward_model", "path": str(reward_model)}])
+    theirs = steady_median(trl["seconds"], args.warmup) if trl else None
+    print(f"\nload average now {os.getloadavg()}")
     if trl:
-        theirs = steady_median(trl["seconds"], args.warmup)
         print(f"TRL PPOTrainer: {theirs:.2f} s/step")
-        print(f"speed-up: {theirs / ours:.2f}x")
+    for reward, records in results.items():
+        ours = steady_median([r["step_seconds"] for r in records], args.warmup)
+        split = {name: steady_median([r[f"time/{name}"] for r in records], args.warmup)
+                 for name in ("generation", "scoring", "training")}
+        length = statistics.mean(r["response_length_mean"] for r in records)
+        print(f"\nstudio PPO with {reward}: {[round(r['step_seconds'], 2) for r in records]}")
+        print(f"  {ours:.2f} s/step (generation {split['generation']:.2f}, scoring {split['scoring']:.2f}, "
+              f"training {split['training']:.2f}; responses of {length:.1f} tokens on average)")
+        if trl:
+            print(f"  speed-up over TRL: {theirs / ours:.2f}x")
 
 
 if __name__ == "__main__":
