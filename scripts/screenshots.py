@@ -3,7 +3,8 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py PROJECT_DIR OUT_DIR
 
 PROJECT_DIR should already hold runs (e.g. made with `studio train`); the script opens it, starts a
-DPO run from the window, grabs the window mid-run, then each centre tab (compare, label, advisor).
+DPO run from the window, grabs the window mid-run, then each centre tab (compare, with a typed
+prompt answered live by the latest checkpoints and the base; label; advisor).
 """
 
 import sys
@@ -56,10 +57,21 @@ def main(project_dir: Path, out_dir: Path, live_steps: int = 6) -> None:
     window.queue.stop_all()
     wait_for(app, lambda: not window.queue.busy, 300)
 
-    window.show_tab(window.compare_panel)
-    window.compare_panel.refresh()
-    spin(app, 3)
-    window.compare_panel.grab().save(str(out_dir / "compare.png"))
+    # Compare: the docks hidden for width, a pane for the base model, a typed prompt generated live.
+    for dock in window.docks.values():
+        dock.hide()
+    compare = window.compare_panel
+    window.show_tab(compare)
+    compare.refresh()
+    compare.add_pane()
+    compare.panes[-1].set_state(None)
+    compare.custom_edit.setText("Why is the sky blue? Answer in two sentences.")
+    compare.generate_custom()
+    wait_for(app, lambda: not compare.busy, 600)
+    spin(app, 2)
+    compare.grab().save(str(out_dir / "compare.png"))
+    for dock in window.docks.values():
+        dock.show()
 
     db = window.project.db
     ppo_checkpoint = store.checkpoints(db, finished_runs[0])[-1]["id"]
