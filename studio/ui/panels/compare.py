@@ -392,7 +392,7 @@ class ComparePanel(QWidget):
         self.prompt_box = QComboBox()
         self.prompt_box.setToolTip("An eval prompt (outputs stored at every checkpoint show at once)")
         self.prompt_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.prompt_box.setMinimumContentsLength(18)
+        self.prompt_box.setMinimumContentsLength(24)
         self.prompt_box.currentIndexChanged.connect(self._update_view)
         prompt_row.addWidget(self.prompt_box, 2)
         self.custom_edit = QLineEdit()
