@@ -63,9 +63,9 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 
 def _packable_weights(model) -> dict:
-    """{layer: the fp32 weight it multiplies by} for the frozen Linear layers and, with their adapters
-    merged in, the LoRA layers of a model in eval mode, where oneDNN can prepack them (x86 CPUs with
-    AVX2 or AVX-512); {} elsewhere (GPUs, ARM, a torch without these ops)."""
+    """{layer: (the fp32 weight it multiplies by, its bias)} for the frozen Linear layers and, with
+    their adapters merged in, the LoRA layers of a model in eval mode, where oneDNN can prepack them
+    (x86 CPUs with AVX2 or AVX-512); {} elsewhere (GPUs, ARM, a torch without these ops)."""
     capable = (torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX")
                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     if not capable:
@@ -76,13 +76,13 @@ def _packable_weights(model) -> dict:
     for layer in model.modules():  # a LoRA layer comes before the Linear layer it wraps
         if isinstance(layer, LoraLinear):
             wrapped.add(layer.base_layer)
-            weight = _lora_effective_weight(layer)
+            weight, bias = _lora_effective_weight(layer), layer.base_layer.bias
         elif type(layer) is torch.nn.Linear and layer not in wrapped and not layer.weight.requires_grad:
-            weight = layer.weight.detach()
+            weight, bias = layer.weight.detach(), layer.bias
         else:
             continue
         if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-            weights[layer] = weight
+            weights[layer] = weight, bias
     return weights
 
 
@@ -123,9 +123,8 @@ def prepacked_linears(model, batch_size: int):
     if torch.is_grad_enabled():
         raise RuntimeError("prepacked_linears is for sampling: use it under torch.no_grad()")
     weights = _packable_weights(model)
-    for layer, weight in weights.items():
+    for layer, (weight, bias) in weights.items():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
-        bias = layer.base_layer.bias if hasattr(layer, "base_layer") else layer.bias
         layer.forward = functools.partial(_packed_linear, weight=packed, bias=bias)
     try:
         yield
