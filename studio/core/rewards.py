@@ -119,41 +119,41 @@ class LengthBand(Rule):
 
 
 @dataclass
-class RequiredWords(Rule):
+class WordListRule(Rule):
+    """A rule about a list of words or phrases, matched as whole words."""
+
+    words: list[str] = param([], "Words or phrases")
+    case_insensitive: bool = param(True, "Ignore upper/lower case")
+
+    def problems(self, project_path):
+        problems = super().problems(project_path)
+        if not non_blank(self.words):
+            problems.append(f"{self.type}: list at least one word")
+        return problems
+
+
+@dataclass
+class RequiredWords(WordListRule):
     """Share of the listed words or phrases the response contains (whole words), in [0, 1]."""
 
     type: ClassVar[str] = "required_words"
     words: list[str] = param([], "Words or phrases the response should contain")
-    case_insensitive: bool = param(True, "Ignore upper/lower case")
 
     def score(self, response: str, tokenizer) -> float:
         phrases = non_blank(self.words)
         found = [bool(phrase_pattern([w], self.case_insensitive).search(response)) for w in phrases]
         return sum(found) / len(found) if found else 0.0
 
-    def problems(self, project_path):
-        problems = super().problems(project_path)
-        if not non_blank(self.words):
-            problems.append("required_words: list at least one word")
-        return problems
-
 
 @dataclass
-class ForbiddenWords(Rule):
+class ForbiddenWords(WordListRule):
     """Minus the number of times listed words or phrases occur (whole words): a penalty."""
 
     type: ClassVar[str] = "forbidden_words"
     words: list[str] = param([], "Words or phrases the response must not contain")
-    case_insensitive: bool = param(True, "Ignore upper/lower case")
 
     def score(self, response: str, tokenizer) -> float:
         return float(-len(phrase_pattern(self.words, self.case_insensitive).findall(response)))
-
-    def problems(self, project_path):
-        problems = super().problems(project_path)
-        if not non_blank(self.words):
-            problems.append("forbidden_words: list at least one word")
-        return problems
 
 
 @dataclass
