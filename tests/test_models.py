@@ -27,12 +27,32 @@ def test_tiny_folder_loads_and_is_described(tiny_model_dir):
     (lambda d: (d / "chat_template.jinja").unlink(), "no chat template"),
     (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "pickle"),
     (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "resnet"})), "not a causal language model"),
+    (lambda d: (d / "config.json").write_text(json.dumps(
+        {**json.loads((d / "config.json").read_text()), "auto_map": {"AutoModelForCausalLM": "evil.Model"}})),
+     "config.json names custom code .auto_map.. Alignment Studio never runs"),
+    (lambda d: (d / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((d / "tokenizer_config.json").read_text()), "auto_map": {"AutoTokenizer": ["evil.T", None]}})),
+     "tokenizer_config.json names custom code"),
+    # A decoy .safetensors beside pickle weights: transformers would load only the .bin.
+    (lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin"),
+                (d / "decoy.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")),
+     "only pickle"),
 ])
 def test_broken_folders_give_clear_errors(tiny_model_dir, tmp_path, breakage, message):
     folder = copy_of(tiny_model_dir, tmp_path)
     breakage(folder)
     with pytest.raises(ModelLoadError, match=message):
         resolve_folder(ModelSource("folder", str(folder)))
+
+
+def test_base_identity_tells_a_retrained_base_from_the_same_one(tiny_model_dir, tmp_path):
+    from studio.core.models import base_identity
+    from studio.core.tiny import build_tiny_model_folder
+
+    same = base_identity(ModelSource("folder", str(copy_of(tiny_model_dir, tmp_path))))
+    assert same["hash"] == base_identity(ModelSource("folder", str(tiny_model_dir)))["hash"]
+    retrained = build_tiny_model_folder(tmp_path / "retrained", seed=1)  # same shapes, other weights
+    assert base_identity(ModelSource("folder", str(retrained)))["hash"] != same["hash"]
 
 
 def test_missing_gguf_file_is_a_clear_error(tmp_path):

@@ -1,5 +1,6 @@
 """The project store: schema migrations, the write lock, settings, atomic writes."""
 
+import sqlite3
 import subprocess
 import sys
 
@@ -37,8 +38,15 @@ def test_database_made_by_an_older_schema_is_migrated_without_loss(tmp_path):
 
     with store.Project.open(folder) as project:
         assert project.db["labels"].exists() and project.db["comparisons"].exists()
-        assert [m.name for m in store.migrations.applied(project.db)] == ["m001_core_tables", "m002_labelling"]
+        assert [m.name for m in store.migrations.applied(project.db)] == [
+            "m001_core_tables", "m002_labelling", "m003_portable_checkpoints"]
         assert store.pairs(project.db)[0]["chosen"] == "a"
+    backups = list((folder / store.BACKUP_DIR).glob("*-before-upgrade.db"))
+    assert len(backups) == 1  # taken before the migrations ran: the old schema, with its pair
+    old = sqlite3.connect(backups[0])
+    assert old.execute("SELECT chosen FROM pairs").fetchall() == [('"a"',)]
+    assert not old.execute("SELECT name FROM sqlite_master WHERE name = 'labels'").fetchall()
+    old.close()
 
 
 def test_second_process_cannot_open_for_writing(tmp_path):

@@ -139,23 +139,73 @@ def check_folder(folder: Path, allow_pickle: bool = False, require_chat_template
         raise ModelLoadError(f"Model folder not found: {folder}")
     if not (folder / "config.json").exists():
         raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder")
-    has_safetensors = any(folder.glob("*.safetensors"))
+    _refuse_custom_code(folder)
+    # transformers loads only these names; any other .safetensors file beside a .bin is a decoy.
+    has_safetensors = any((folder / name).is_file() for name in SAFETENSORS_WEIGHTS)
     has_pickle = any(folder.glob("*.bin"))
     if not has_safetensors:
         if has_pickle and not allow_pickle:
             raise ModelLoadError(
-                f"{folder} holds only pickle (.bin) weights, which can run arbitrary code when loaded. "
+                f"{folder} holds only pickle (.bin) weights, which can run arbitrary code when loaded "
+                f"(other .safetensors files are not the model's weights: transformers reads "
+                f"{' or '.join(SAFETENSORS_WEIGHTS)}). "
                 "Convert them to safetensors, or allow pickle weights for this model explicitly.")
         if not has_pickle:
-            raise ModelLoadError(f"{folder} has no weights (*.safetensors)")
+            raise ModelLoadError(f"{folder} has no weights ({' or '.join(SAFETENSORS_WEIGHTS)})")
     if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder / "config.json")
     _check_architecture(folder, config)
     if require_chat_template and not _has_chat_template(folder):
         raise ModelLoadError(
             f"{folder} has no chat template, so conversational prompts cannot be formatted. "
             "Use an instruct/chat model, or add a chat_template.jinja to the folder.")
+
+
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _refuse_custom_code(folder: Path) -> None:
+    """A folder whose config asks for its own Python code (auto_map) is refused: we never run it."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.is_file() and "auto_map" in _read_json(file):
+            raise ModelLoadError(
+                f"{folder / name} names custom code (auto_map). Alignment Studio never runs Python code "
+                "shipped inside a model folder, because it could do anything on this computer. Use a "
+                "model whose architecture transformers includes, or a copy without auto_map.")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file} should hold a JSON object")
+    return value
+
+
+IDENTITY_SAMPLES = 8  # 64 KiB reads spread over each weights file: a retrained base differs in them
+
+
+def base_identity(source: ModelSource) -> dict:
+    """What a checkpoint was trained on: the model's description and a hash of its config, weights
+    index and safetensors headers plus a few sampled blocks of the weights (read in milliseconds)."""
+    folder = resolve_folder(source)
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (folder / name).is_file():
+            digest.update(name.encode() + (folder / name).read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header = f.read(8)
+            digest.update(header + f.read(int.from_bytes(header, "little") if len(header) == 8 else 0))
+            for i in range(IDENTITY_SAMPLES):
+                f.seek(size * i // IDENTITY_SAMPLES)
+                digest.update(f.read(64 * 1024))
+    return {"model": source.describe(), "hash": digest.hexdigest()[:16]}
 
 
 def _check_architecture(folder: Path, config: dict) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
 import resource
 import shutil
@@ -35,7 +36,7 @@ from typing import Callable
 from . import store
 from .errors import StudioError
 from .generation import Decoding, generate
-from .models import ModelSource, add_lora, load_model, pick_device
+from .models import ModelSource, add_lora, base_identity, load_model, pick_device
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
 
@@ -123,13 +124,17 @@ def make_config(method: str, overrides: dict | None = None) -> TrainConfig:
 
 def create_run(db, config: TrainConfig, name: str | None = None) -> int:
     """Validate `config` against the project and record a queued run; returns its id."""
+    if name is not None and not name.isprintable():
+        raise ConfigError(f"A run name must be one line of printable text, not {name!r}")
     problems = engine_module(config.method).validate(config, db)
     if config.parent_checkpoint_id is not None:
         store.get_checkpoint(db, config.parent_checkpoint_id)  # raises if missing
     if problems:
         raise ConfigError("Cannot start this run:\n- " + "\n- ".join(problems))
+    identity = base_identity(ModelSource.from_json(store.get_setting(db, "base_model")))
+    check_base_identity(db, checkpoint_chain(db, config.parent_checkpoint_id), identity)
     return store.create_run(db, config.method, config.to_json(), name=name,
-                            parent_checkpoint_id=config.parent_checkpoint_id)
+                            parent_checkpoint_id=config.parent_checkpoint_id, base_identity=identity)
 
 
 class RunControl:
@@ -199,19 +204,51 @@ def checkpoint_chain(db, checkpoint_id: int | None) -> list[dict]:
     return chain[::-1]
 
 
+class BaseModelChangedError(StudioError):
+    """A checkpoint trained on another base than the project's current one (its adapter would not fit)."""
+
+
+def check_base_identity(db, chain: list[dict], identity: dict) -> None:
+    """Refuse to put adapters trained on one base onto another (rows from before identities pass)."""
+    for checkpoint in chain:
+        recorded = json.loads(checkpoint.get("base_identity") or "null")
+        if recorded and recorded["hash"] != identity["hash"]:
+            raise BaseModelChangedError(
+                f"Checkpoint {checkpoint['id']} (run {checkpoint['run_id']}, step {checkpoint['step']}) was "
+                f"trained on {recorded['model']} (content {recorded['hash']}), but the project's base is now "
+                f"{identity['model']} (content {identity['hash']}). Its adapter only fits the base it was "
+                "trained on: put that base back in the project settings, or train again from the new base.")
+
+
+def verified_folder(db, checkpoint: dict) -> Path:
+    """A checkpoint's folder, after checking that its files are whole; raises a clear error if not."""
+    folder = store.checkpoint_folder(db, checkpoint)
+    problem = verify_checkpoint(folder)
+    if problem:
+        raise store.ProjectError(
+            f"Checkpoint {checkpoint['id']} (run {checkpoint['run_id']}, step {checkpoint['step']}) cannot "
+            f"be used: {problem}. Use another checkpoint of that run, or train it again.")
+    return folder
+
+
 def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
     """(model, tokenizer) for the base (None) or a checkpoint, with its adapters merged in."""
     from peft import PeftModel
 
-    model, tokenizer = load_model(ModelSource.from_json(store.get_setting(db, "base_model")), device)
-    for checkpoint in checkpoint_chain(db, checkpoint_id):
-        model = PeftModel.from_pretrained(model, Path(checkpoint["path"]) / "adapter").merge_and_unload()
+    source = ModelSource.from_json(store.get_setting(db, "base_model"))
+    chain = checkpoint_chain(db, checkpoint_id)
+    if chain:
+        check_base_identity(db, chain, base_identity(source))
+    folders = [verified_folder(db, checkpoint) for checkpoint in chain]  # before the slow model load
+    model, tokenizer = load_model(source, device)
+    for folder in folders:
+        model = PeftModel.from_pretrained(model, folder / "adapter").merge_and_unload()
     return model, tokenizer
 
 
 def export_adapter(db, checkpoint_id: int, out_dir: Path | str) -> Path:
     """A PEFT adapter folder (loadable with PeftModel.from_pretrained on the run's start state)."""
-    source = Path(store.get_checkpoint(db, checkpoint_id)["path"]) / "adapter"
+    source = verified_folder(db, store.get_checkpoint(db, checkpoint_id)) / "adapter"
     shutil.copytree(source, out_dir, dirs_exist_ok=True)
     return Path(out_dir)
 
@@ -243,9 +280,46 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder's files (None when whole), without loading tensors:
+    the safetensors header must describe exactly the bytes after it, the torch file must be a
+    whole zip whose members match their CRCs."""
+    import zipfile
+
+    if not folder.is_dir():
+        return f"its folder {folder} is missing"
+    adapter = folder / ADAPTER_FILE
+    try:
+        with open(adapter, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + size + end != adapter.stat().st_size:
+            return f"{adapter} is truncated or padded ({adapter.stat().st_size} bytes, header says {8 + size + end})"
+    except FileNotFoundError:
+        return f"{adapter} is missing"
+    except (ValueError, KeyError, TypeError, IndexError, MemoryError, OSError) as exc:
+        return f"{adapter} is damaged ({type(exc).__name__})"
+    state = folder / TRAINER_STATE_FILE
+    try:
+        with zipfile.ZipFile(state) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"{state} is damaged (member {bad})"
+    except FileNotFoundError:
+        return f"{state} is missing"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"{state} is damaged ({exc})"
+    return None
+
+
 def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer, device: str,
-                    config: TrainConfig) -> int:
-    """Write adapter + trainer state atomically, sample the eval prompts, register both together."""
+                    config: TrainConfig, identity: dict | None = None) -> int:
+    """Write adapter + trainer state atomically and durably, sample the eval prompts, register both together."""
     import torch
 
     folder = run_dir / f"checkpoint-{step}"
@@ -254,15 +328,17 @@ def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer
     engine.model.save_pretrained(partial / "adapter", safe_serialization=True)
     torch.save({"step": step, "optimizer": engine.optimizer.state_dict(),
                 "scheduler": engine.scheduler.state_dict(), "rng": _rng_state(device),
-                "engine": engine.extra_state()}, partial / "trainer_state.pt")
+                "engine": engine.extra_state()}, partial / TRAINER_STATE_FILE)
+    store.fsync_tree(partial)  # the files are on disk before the folder gets its final name
     shutil.rmtree(folder, ignore_errors=True)  # left by a crash between rename and registration
     os.replace(partial, folder)
+    store.fsync_path(run_dir)  # ... and the rename is on disk before the database points at it
 
     eval_rows = store.eval_prompts(db)
     decoding = Decoding(max_new_tokens=config.eval_max_new_tokens)
     generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_rows], decoding) if eval_rows else []
     with db.atomic():
-        checkpoint_id = store.add_checkpoint(db, run_id, step, str(folder))
+        checkpoint_id = store.add_checkpoint(db, run_id, step, str(folder), identity)
         store.add_samples(db, [
             {"checkpoint_id": checkpoint_id, "prompt_id": row["id"], "sample_index": 0,
              "seed": decoding.seed, "decoding": decoding.to_json(), "text": g.text,
@@ -271,26 +347,69 @@ def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer
     return checkpoint_id
 
 
-def resume_from_last_checkpoint(db, run_id: int, engine) -> int:
-    """Load the run's last registered checkpoint into `engine`; returns the step to continue from."""
+def last_good_checkpoint(db, run_id: int, log: Callable[[str], None]) -> dict | None:
+    """The run's newest checkpoint whose files are whole; says which damaged ones it skipped."""
+    for checkpoint in reversed(store.checkpoints(db, run_id)):
+        problem = verify_checkpoint(store.checkpoint_folder(db, checkpoint))
+        if problem is None:
+            return checkpoint
+        log(f"Checkpoint at step {checkpoint['step']} is damaged ({problem}); trying the one before it")
+    return None
+
+
+def resume_from_last_checkpoint(db, run_id: int, engine, log: Callable[[str], None] = lambda message: None) -> int:
+    """Load the run's last good checkpoint into `engine`; returns the step to continue from.
+
+    Metrics and checkpoints after that step are deleted: the steps after it will be recomputed.
+    """
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    registered = store.checkpoints(db, run_id)
-    if not registered:
+    checkpoint = last_good_checkpoint(db, run_id, log)
+    if checkpoint is None:
+        store.delete_checkpoints_after(db, run_id, 0)
+        store.delete_metrics_after(db, run_id, 0)  # a run that died before its first checkpoint
         return 0
-    folder = Path(registered[-1]["path"])
-    adapter = load_file(folder / "adapter" / "adapter_model.safetensors",
-                        device=str(next(engine.model.parameters()).device))
+    folder = store.checkpoint_folder(db, checkpoint)
+    adapter = load_file(folder / ADAPTER_FILE, device=str(next(engine.model.parameters()).device))
     set_peft_model_state_dict(engine.model, adapter)
-    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    state = torch.load(folder / TRAINER_STATE_FILE, weights_only=True)
     engine.optimizer.load_state_dict(state["optimizer"])
     engine.scheduler.load_state_dict(state["scheduler"])
     engine.load_extra_state(state["engine"])
     _set_rng_state(state["rng"])
-    store.delete_metrics_after(db, run_id, state["step"])  # steps after it will be recomputed
+    store.delete_checkpoints_after(db, run_id, state["step"])
+    store.delete_metrics_after(db, run_id, state["step"])
     return state["step"]
+
+
+def take_run_lock(run_dir: Path, run_id: int) -> int:
+    """The per-run lock, held by whichever process trains the run, so two can never train one run."""
+    return store.take_lock(run_dir / store.RUN_LOCK_NAME,
+                           f"Run {run_id} is being trained by another process (pid {{pid}}). "
+                           "Stop it there, or wait for it to finish.")
+
+
+def check_run_base(db, run: dict, identity: dict) -> None:
+    """A run resumes only on the base it started on."""
+    recorded = json.loads(run.get("base_identity") or "null")
+    if recorded and recorded["hash"] != identity["hash"]:
+        raise BaseModelChangedError(
+            f"Run {run['id']} was started on {recorded['model']} (content {recorded['hash']}), but the "
+            f"project's base is now {identity['model']} (content {identity['hash']}). Resuming would put "
+            "its adapter on another model: put that base back in the project settings, or start a new run.")
+
+
+def record_failure(db, run_id: int, sink: MetricsSink, exc: BaseException) -> None:
+    """Mark the run failed with its error, even when the metrics that were pending cannot be written."""
+    error = f"{type(exc).__name__}: {exc}"
+    try:
+        sink.flush()
+    except Exception as flush_exc:  # e.g. the disk that failed the step is still full
+        sink.pending = []  # recomputed on resume, from the last checkpoint
+        error += f" (and its last metrics could not be written: {flush_exc})"
+    store.set_run_status(db, run_id, "failed", error=error)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -314,17 +433,24 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
     config = module.Config.from_json(run["config"])
     run_dir = project_path / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_lock = take_run_lock(run_dir, run_id)
+    except BaseException:
+        db.close()
+        raise
     sink = MetricsSink(db, run_id)
     store.set_run_status(db, run_id, "running")
     try:
         torch.manual_seed(config.seed)
+        identity = base_identity(ModelSource.from_json(store.get_setting(db, "base_model")))
+        check_run_base(db, run, identity)
         device, dtype = pick_device(config.device)
         log(f"Loading model on {device} ({dtype})")
         model, tokenizer = load_model_state(db, config.parent_checkpoint_id, device)
         policy = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                           config.lora_target_modules)
         engine = module.Engine(config, policy, tokenizer, db, device, run_dir)
-        step = resume_from_last_checkpoint(db, run_id, engine)
+        step = resume_from_last_checkpoint(db, run_id, engine, log)
         if step:
             log(f"Resumed from the checkpoint at step {step}")
         last_saved = step
@@ -347,20 +473,20 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
                 on_metrics(record)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 sink.flush()
-                save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+                save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config, identity)
                 last_saved = step
                 log(f"Checkpoint saved at step {step}")
         sink.flush()
         if step != last_saved:
-            save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+            save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config, identity)
             log(f"Checkpoint saved at step {step}")
         status = "completed" if step >= config.max_steps else "stopped"
         store.set_run_status(db, run_id, status)
         log(f"Run {status} at step {step}")
         return status
     except BaseException as exc:
-        sink.flush()
-        store.set_run_status(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        record_failure(db, run_id, sink, exc)
         raise
     finally:
         db.close()
+        os.close(run_lock)

@@ -14,9 +14,12 @@ own connection (a sqlite3 connection belongs to the thread that opened it).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import sqlite3
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +104,21 @@ def m002_labelling(db: Database) -> None:
     db["labels"].create_index(["comparison_id"])
 
 
+@migrations()
+def m003_portable_checkpoints(db: Database) -> None:
+    """Checkpoint paths relative to the project folder (a moved or copied project reads its own), and
+    the identity of the base model every run and checkpoint was trained on."""
+    db["runs"].add_column("base_identity", str)
+    db["checkpoints"].add_column("base_identity", str)
+    for row in list(db.query("SELECT id, run_id, path FROM checkpoints")):
+        db["checkpoints"].update(row["id"], {"path": checkpoint_relative_path(row["run_id"], row["path"])})
+
+
+def checkpoint_relative_path(run_id: int, path: str) -> str:
+    """Where a checkpoint lives inside its project: runs/<run id>/<checkpoint folder>."""
+    return f"runs/{run_id}/{Path(path).name}"
+
+
 class ProjectError(StudioError):
     """A project that cannot be created or opened, with a message meant for the user."""
 
@@ -109,8 +127,131 @@ class ProjectLockedError(ProjectError):
     pass
 
 
+class DamagedProjectError(ProjectError):
+    """A studio.db that is not a healthy database of this version; nothing is written to it."""
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+BACKUP_DIR = "backups"
+BACKUPS_KEPT = 5
+
+
+def recovery_advice(path: Path) -> str:
+    backups = sorted((path / BACKUP_DIR).glob("*.db")) if (path / BACKUP_DIR).is_dir() else []
+    if backups:
+        return (f"Nothing was changed. To recover, copy the newest backup over it: "
+                f"cp {backups[-1]} {path / DB_NAME}")
+    return ("Nothing was changed. Restore studio.db from a backup of the folder; this project has "
+            f"no backups of its own in {path / BACKUP_DIR}.")
+
+
+def check_database_file(path: Path) -> None:
+    """Refuse a studio.db that is empty or not an SQLite file, before SQLite sees it."""
+    file = path / DB_NAME
+    if not file.exists():
+        return
+    if not file.is_file():
+        raise DamagedProjectError(f"{file} is not a regular file. {recovery_advice(path)}")
+    with open(file, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if not header:
+        raise DamagedProjectError(f"{file} is empty (0 bytes): the project's data is gone. {recovery_advice(path)}")
+    if header != SQLITE_HEADER:
+        raise DamagedProjectError(f"{file} is not an SQLite database (it may have been overwritten). "
+                                  f"{recovery_advice(path)}")
+
+
+def integrity_problems(db: Database, full: bool = False) -> list[str]:
+    """SQLite's own check: [] when healthy. quick_check skips index contents; integrity_check reads all."""
+    pragma = "integrity_check" if full else "quick_check"
+    try:
+        rows = [row[0] for row in db.execute(f"PRAGMA {pragma}").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    return [] if rows == ["ok"] else rows
+
+
+def unknown_migrations(db: Database) -> list[str]:
+    """Migrations applied by a newer Alignment Studio that this version does not know."""
+    known = {m.name for m in migrations._migrations}
+    return [m.name for m in migrations.applied(db) if m.name not in known]
+
+
+def _check_database(db: Database, path: Path) -> None:
+    problems = integrity_problems(db)
+    if problems:
+        shown = "; ".join(problems[:3])
+        raise DamagedProjectError(f"{path / DB_NAME} is damaged ({shown}). {recovery_advice(path)} "
+                                  f"`studio check {path}` lists every problem.")
+    newer = unknown_migrations(db)
+    if newer:
+        raise DamagedProjectError(
+            f"{path / DB_NAME} was made by a newer Alignment Studio (it has changes {', '.join(newer)} "
+            "this version does not know). Open it with that version, or upgrade this one.")
+
+
+def backup(db: Database, target: Path | str) -> Path:
+    """A consistent copy of a live database through SQLite's online backup API, written atomically."""
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    copy = sqlite3.connect(partial)
+    try:
+        db.conn.backup(copy)
+    finally:
+        copy.close()
+    fsync_path(partial)
+    os.replace(partial, target)
+    fsync_path(target.parent)
+    return target
+
+
+def rotating_backup(db: Database, path: Path, reason: str) -> Path:
+    """A backup in <project>/backups/, keeping the newest BACKUPS_KEPT."""
+    folder = path / BACKUP_DIR
+    folder.mkdir(exist_ok=True)
+    made = backup(db, folder / f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{reason}.db")
+    for old in sorted(folder.glob("studio-*.db"))[:-BACKUPS_KEPT]:
+        old.unlink()
+    return made
+
+
+def daily_backup(project: "Project") -> Path | None:
+    """The window calls this while a project is open: a rotating backup when the last is a day old."""
+    newest = max((f.stat().st_mtime for f in (project.path / BACKUP_DIR).glob("studio-*.db")), default=0.0)
+    if project.read_only or time.time() - newest < 24 * 3600:
+        return None
+    return rotating_backup(project.db, project.path, "daily")
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file or folder to the disk (a folder's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, then `folder` itself."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(root)
+
+
+def project_dir(db: Database) -> Path:
+    """The folder of the project a connection belongs to."""
+    for row in db.execute("PRAGMA database_list").fetchall():
+        if row[1] == "main":
+            return Path(row[2]).parent
+    raise ProjectError("not a project database")
+
+
 def connect(path: Path | str) -> Database:
     """A new connection to a project's database (one per thread)."""
+    check_database_file(Path(path))
     db = Database(Path(path) / DB_NAME)
     db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA busy_timeout = 10000")  # the window reads while a worker writes
@@ -148,12 +289,13 @@ class Project:
         lock_fd = None if read_only else _take_lock(path)
         try:
             db = connect(path)
+            _check_database(db, path)
             if not read_only:
                 db.enable_wal()
+                if not _creating and migrations.pending(db):
+                    rotating_backup(db, path, "before-upgrade")
                 migrations.apply(db)
-                # Runs marked running belong to a process that died (we hold the write lock now).
-                db.execute("UPDATE runs SET status = 'interrupted' WHERE status IN ('running', 'paused')")
-                db.conn.commit()
+                _mark_orphaned_runs(db, path)
                 for folder in ("runs", "exports"):
                     (path / folder).mkdir(exist_ok=True)
         except Exception:
@@ -186,20 +328,68 @@ class Project:
         self.close()
 
 
-def _take_lock(path: Path) -> int:
-    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+def _mark_orphaned_runs(db: Database, path: Path) -> None:
+    """Runs marked running whose run lock nobody holds belong to a process that died."""
+    for row in list(db.query("SELECT id FROM runs WHERE status IN ('running', 'paused')")):
+        lock = path / "runs" / str(row["id"]) / RUN_LOCK_NAME
+        if lock.exists() and lock_holder(lock) is not None:
+            continue  # still trained by a process that outlived the window that started it
+        db.execute("UPDATE runs SET status = 'interrupted' WHERE id = ?", [row["id"]])
+    db.conn.commit()
+
+
+RUN_LOCK_NAME = ".run.lock"
+
+
+def take_lock(file: Path, busy_message: str) -> int:
+    """An exclusive flock on `file`, holding our pid. busy_message may use {pid} (the holder's).
+
+    The file is opened without following links and must be a regular file: a project received from
+    someone else could otherwise plant a link that makes us truncate one of the user's files.
+    """
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ProjectError(f"{file} is a symbolic link; a lock file must be a regular file. "
+                               "Delete it and try again.") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ProjectError(f"{file} is not a regular file; delete it and try again.")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise ProjectLockedError(
-            f"The project {path} is already open for writing in another studio process "
-            f"(pid {holder}). Close it there first, or open this one read-only."
-        ) from None
+        raise ProjectLockedError(busy_message.format(pid=holder)) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def lock_holder(file: Path) -> str | None:
+    """The pid written in a lock file someone holds now, or None when it is free."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        return None
+    finally:
+        os.close(fd)
+
+
+def _take_lock(path: Path) -> int:
+    return take_lock(path / LOCK_NAME,
+                     f"The project {path} is already open for writing in another studio process "
+                     "(pid {pid}). Close it there first, or open this one read-only.")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -326,11 +516,13 @@ def labelled_pairs(db: Database) -> list[dict]:
 # --- runs, metrics, checkpoints, samples ------------------------------------------------------
 
 def create_run(db: Database, method: str, config: dict, name: str | None = None,
-               parent_checkpoint_id: int | None = None, status: str = "queued") -> int:
-    run_id = db["runs"].insert(
-        {"name": name or method.upper(), "method": method, "config": json.dumps(config),
-         "status": status, "parent_checkpoint_id": parent_checkpoint_id, "created_at": time.time()}
-    ).last_pk
+               parent_checkpoint_id: int | None = None, status: str = "queued",
+               base_identity: dict | None = None) -> int:
+    row = {"name": name or method.upper(), "method": method, "config": json.dumps(config),
+           "status": status, "parent_checkpoint_id": parent_checkpoint_id, "created_at": time.time()}
+    if base_identity:
+        row["base_identity"] = json.dumps(base_identity)
+    run_id = db["runs"].insert(row).last_pk
     if name is None:
         db["runs"].update(run_id, {"name": f"{method.upper()} #{run_id}"})
     return run_id
@@ -405,9 +597,26 @@ def latest_metrics(db: Database) -> dict[int, tuple[int, dict[str, float]]]:
     return out
 
 
-def add_checkpoint(db: Database, run_id: int, step: int, path: str) -> int:
+def add_checkpoint(db: Database, run_id: int, step: int, path: str, base_identity: dict | None = None) -> int:
+    """Register a checkpoint folder; its path is stored relative to the project, so the folder moves with it."""
     return db["checkpoints"].insert(
-        {"run_id": run_id, "step": step, "path": path, "created_at": time.time()}).last_pk
+        {"run_id": run_id, "step": step, "path": checkpoint_relative_path(run_id, path),
+         "base_identity": json.dumps(base_identity) if base_identity else None,
+         "created_at": time.time()}).last_pk
+
+
+def checkpoint_folder(db: Database, checkpoint: dict) -> Path:
+    """Where a registered checkpoint lives now (rows from before relative paths are read as they are)."""
+    path = Path(checkpoint["path"])
+    return path if path.is_absolute() else project_dir(db) / path
+
+
+def delete_checkpoints_after(db: Database, run_id: int, step: int) -> None:
+    """Forget a run's checkpoints after `step` (and their samples): a resume writes them again."""
+    with db.atomic():
+        db.execute("DELETE FROM samples WHERE checkpoint_id IN "
+                   "(SELECT id FROM checkpoints WHERE run_id = ? AND step > ?)", [run_id, step])
+        db.execute("DELETE FROM checkpoints WHERE run_id = ? AND step > ?", [run_id, step])
 
 
 def checkpoints(db: Database, run_id: int | None = None) -> list[dict]:
