@@ -742,3 +742,66 @@ def test_unicode_survives_csv_round_trip(triples):
         loaded = load_file(path)
     assert loaded.errors == []
     assert loaded.rows == records
+
+
+# --- files that are not ordinary data files ---------------------------------------------------
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "folder"])
+def test_links_to_devices_pipes_and_folders_are_refused_without_reading(tmp_path, target):
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")  # opening it for reading would block forever
+    elif target == "folder":
+        (tmp_path / "folder").mkdir()
+    path = tmp_path / "data.jsonl"
+    path.symlink_to(target if target.startswith("/") else tmp_path / target)
+    error = only_error(load_file(path))
+    assert str(error).startswith("data.jsonl: not a regular file")
+
+
+def test_a_link_to_a_regular_file_imports_what_it_points_at(tmp_path):
+    (tmp_path / "real.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "real.jsonl")
+    assert load_file(tmp_path / "link.jsonl").rows == [{"prompt": "hi"}]
+
+
+def test_an_oversized_json_document_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "MAX_JSON_FILE_BYTES", 10)
+    path = tmp_path / "big.json"
+    path.write_text('[{"prompt": "hello"}]')
+    assert "save it as JSON Lines" in only_error(load_file(path)).message
+
+
+def test_deeply_nested_jsonl_line_is_an_error_on_its_row(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": "ok"}\n' + "[" * 100_000 + "\n")
+    error = only_error(load_file(path))
+    assert (error.row, error.message) == (2, datasets.TOO_DEEP)
+
+
+def test_deeply_nested_json_document_is_an_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000)
+    assert only_error(load_file(path)).message == datasets.TOO_DEEP
+
+
+def test_deeply_nested_csv_cell_is_an_error_naming_row_and_field(tmp_path):
+    path = tmp_path / "deep.csv"
+    path.write_text("prompt,chosen,rejected\nq,a,b\nq," + "[" * 100_000 + ",b\n")
+    error = only_error(load_file(path))
+    assert (error.row, error.field, error.message) == (2, "chosen", datasets.TOO_DEEP)
+
+
+def test_a_cut_jsonl_line_reports_the_column_where_it_ends(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "x", "chosen"\n')
+    error = only_error(load_file(path))
+    assert error.message == "invalid JSON: Expecting ':' delimiter (column 25, the end of the line: is it cut short?)"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_utf16_file_is_named_as_utf16(tmp_path, encoding, suffix):
+    path = tmp_path / f"wide{suffix}"
+    text = {".jsonl": '{"prompt": "hi"}\n', ".json": '[{"prompt": "hi"}]', ".csv": "prompt\nhi\n"}[suffix]
+    path.write_bytes(text.encode(encoding))
+    assert only_error(load_file(path)).message.startswith("the file is UTF-16 encoded")

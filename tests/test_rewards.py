@@ -223,3 +223,9 @@ def test_training_a_reward_model_needs_pairs(project):
         rewards.train_reward_model(project.path, rewards.RewardModelTraining())
     with pytest.raises(rewards.RewardError, match="use letters"):
         rewards.train_reward_model(project.path, rewards.RewardModelTraining(name="../escape"))
+
+
+def test_reward_model_names_refuse_a_trailing_newline():
+    from studio.core.rewards import SAFE_NAME
+
+    assert SAFE_NAME.match("rm-1") and not SAFE_NAME.match("rm-1\n")

@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ MAX_FIELD_CHARS = 1_000_000  # one prompt or response; far beyond any context wi
 # three fields at the limit (even fully \u-escaped), so an over-long field is normally reported
 # by name instead.
 MAX_ROW_BYTES = 64 * 1024 * 1024
+MAX_JSON_FILE_BYTES = 2 * 1024**3  # a .json file is parsed whole; JSON Lines files are streamed
 MAX_IMPORT_ERRORS = 50  # kept on a DataImportError
 SHOWN_ERRORS = 5  # quoted in its message
 
@@ -175,12 +177,15 @@ def _load(path: Path, kind: str | None, keep_rows: int | None) -> LoadedFile:
         return LoadedFile(str(path), "", kind or "", [],
                           [DataError(name, None, None, f"unknown file type {path.suffix!r} (use {known})")])
 
+    problem = _file_problem(path, fmt)
+    if problem:
+        return LoadedFile(str(path), fmt, kind or "", [], [DataError(name, None, None, problem)])
     rows: list[dict] = []
     errors: list[DataError] = []
     detected: tuple[str, int] | None = None  # (kind, row it was detected from)
     seen = 0
     try:
-        for item in _READERS[fmt](path, name, kind):
+        for item in _READERS[fmt](path.resolve(), name, kind):
             if isinstance(item, DataError):
                 errors.append(item)
                 continue
@@ -206,6 +211,30 @@ def _load(path: Path, kind: str | None, keep_rows: int | None) -> LoadedFile:
                                 else "the file has no data rows"))
     found_kind = kind or (detected[0] if detected else "")
     return LoadedFile(str(path), fmt, found_kind, rows, errors)
+
+
+def _file_problem(path: Path, fmt: str) -> str | None:
+    """Why a path cannot be read as a data file, checked before anything is read from it."""
+    try:
+        info = path.resolve().stat()  # follows links: what matters is what they point at
+    except OSError as e:
+        return f"cannot read the file: {e.strerror or e}"
+    if not stat.S_ISREG(info.st_mode):
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+        return f"not a regular file ({what}); only ordinary files can be imported"
+    if fmt == "json" and info.st_size > MAX_JSON_FILE_BYTES:
+        return (f"{info.st_size:,} bytes is too large for one JSON document (the limit is "
+                f"{MAX_JSON_FILE_BYTES:,}); save it as JSON Lines (.jsonl), one row per line")
+    if fmt != "parquet":
+        with open(path, "rb") as f:
+            start = f.read(4)
+        if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or (len(start) >= 2 and b"\x00" in start[:2]):
+            return ("the file is UTF-16 encoded (its first bytes say so); save it as UTF-8 "
+                    "(in most editors: Save As, encoding UTF-8)")
+    return None
+
+
+TOO_DEEP = "values nested too deeply to read (hundreds of levels of [ or {)"
 
 
 def _shape(raw: dict) -> str:
@@ -235,10 +264,15 @@ def _read_jsonl(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, 
             del line
             if not text.strip():
                 continue  # blank lines, such as a trailing one, are not rows
+            text = text.rstrip("\r\n")  # else an error at the end of a cut line reads "column 1" of the next
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
-                yield DataError(name, number, None, f"invalid JSON: {e.msg} (column {e.colno})")
+                at_end = ", the end of the line: is it cut short?" if e.pos >= len(text) else ""
+                yield DataError(name, number, None, f"invalid JSON: {e.msg} (column {e.colno}{at_end})")
+                continue
+            except RecursionError:
+                yield DataError(name, number, None, TOO_DEEP)
                 continue
             if not isinstance(value, dict):
                 yield DataError(name, number, None, f"expected a JSON object, got {_type_name(value)}")
@@ -266,6 +300,9 @@ def _read_json(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, d
     except json.JSONDecodeError as e:
         hint = " (one object per line is JSON Lines: name the file .jsonl)" if e.msg == "Extra data" else ""
         yield DataError(name, None, None, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}")
+        return
+    except RecursionError:
+        yield DataError(name, None, None, TOO_DEEP)
         return
     if not isinstance(value, list):
         yield DataError(name, None, None, f"expected a list of objects at the top level, got {_type_name(value)}")
@@ -303,14 +340,17 @@ def _read_csv(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, di
                     yield DataError(name, number, None,
                                     f"{len(cells)} cells, but the header has {len(columns)} columns")
                     continue
-                yield number, {key: _csv_cell(cells[i]) for key, i in index.items()}
+                try:
+                    yield number, {key: _csv_cell(cells[i], key) for key, i in index.items()}
+                except _Invalid as e:
+                    yield DataError(name, number, e.field, e.message)
     except csv.Error as e:
         yield DataError(name, number + 1, None, f"cannot read CSV: {e}")
     finally:
         csv.field_size_limit(old_limit)
 
 
-def _csv_cell(text: str) -> Any:
+def _csv_cell(text: str, key: str) -> Any:
     """A cell's value: a message list if it is a JSON list of objects, else the text as it is."""
     if not text.lstrip().startswith("["):
         return text
@@ -318,6 +358,8 @@ def _csv_cell(text: str) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    except RecursionError:
+        raise _Invalid(key, TOO_DEEP) from None
     if isinstance(value, list) and all(isinstance(item, dict) for item in value):
         return value
     return text

@@ -36,7 +36,7 @@ from .generation import is_conversational
 from .models import ModelSource, load_tokenizer, resolve_folder
 
 REWARD_MODELS_FOLDER = "reward_models"  # inside the project: <project>/reward_models/<name>/
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
 
 
 class RewardError(StudioError):
