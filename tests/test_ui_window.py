@@ -214,6 +214,19 @@ def test_a_dpo_run_without_pairs_is_refused_inline(qtbot, window_with_project):
     assert store.list_runs(window.project.db) == []
 
 
+def test_a_bad_setting_turns_its_field_red_with_the_validators_message(qtbot, window_with_project):
+    window = window_with_project
+    assert launch_dpo(window, checkpoint_every=0) is None
+    form = window.run_setup.page("dpo").form
+    assert "must be at least 1" in form.editors["checkpoint_every"].widget.toolTip()
+    assert "c62828" in form.labels["checkpoint_every"].styleSheet()
+    assert form.labels["max_steps"].styleSheet() == ""
+    assert store.list_runs(window.project.db) == []
+    form.set_values({"checkpoint_every": 5})
+    window.run_setup.launch()  # refused for another reason (no pairs): the field is no longer marked
+    assert form.labels["checkpoint_every"].styleSheet() == ""
+
+
 def test_a_run_that_runs_out_of_memory_fails_readably_and_the_window_stays_usable(
         qtbot, window_with_project, tmp_path, monkeypatch):
     # Runs train in a child process, which gets this registry: a toy engine that fails as CUDA does.

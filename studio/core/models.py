@@ -208,6 +208,18 @@ def base_identity(source: ModelSource) -> dict:
     return {"model": source.describe(), "hash": digest.hexdigest()[:16]}
 
 
+def module_names(source: ModelSource) -> list[str]:
+    """The names of the model's weight-bearing modules (e.g. model.layers.0.self_attn.q_proj),
+    read from its safetensors headers: what LoRA target_modules are matched against."""
+    from safetensors import safe_open
+
+    names = set()
+    for file in resolve_folder(source).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as weights:
+            names.update(key.rsplit(".", 1)[0] for key in weights.keys())
+    return sorted(names)
+
+
 def _check_architecture(folder: Path, config: dict) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -36,13 +36,21 @@ from typing import Callable
 from . import store
 from .errors import StudioError
 from .generation import Decoding, generate
-from .models import ModelSource, add_lora, base_identity, load_model, pick_device
+from .models import ModelSource, add_lora, base_identity, load_model, module_names, pick_device
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
 
 
 class ConfigError(StudioError):
     """A run configuration that cannot be launched, with a message meant for the user."""
+
+
+class SettingsError(ConfigError):
+    """Settings refused by settings.validate_settings; .fields maps each bad field to its message."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+        super().__init__("Cannot use these settings:\n" + "\n".join(f"- {k}: {v}" for k, v in fields.items()))
 
 
 @dataclass
@@ -118,20 +126,28 @@ def engine_module(method: str):
 
 def make_config(method: str, overrides: dict | None = None) -> TrainConfig:
     """The engine's default config with `overrides` applied (unknown keys are an error)."""
+    from .settings import check_settings
+
     module = engine_module(method)
-    return module.Config.from_json({**module.Config().to_json(), **(overrides or {}), "method": method})
+    values = {**module.Config().to_json(), **(overrides or {}), "method": method}
+    check_settings(method, values)
+    return module.Config.from_json(values)
 
 
 def create_run(db, config: TrainConfig, name: str | None = None) -> int:
     """Validate `config` against the project and record a queued run; returns its id."""
     if name is not None and not name.isprintable():
         raise ConfigError(f"A run name must be one line of printable text, not {name!r}")
+    from .settings import check_settings
+
+    source = ModelSource.from_json(store.get_setting(db, "base_model"))
+    check_settings(config.method, config.to_json(), module_names(source))
     problems = engine_module(config.method).validate(config, db)
     if config.parent_checkpoint_id is not None:
         store.get_checkpoint(db, config.parent_checkpoint_id)  # raises if missing
     if problems:
         raise ConfigError("Cannot start this run:\n- " + "\n- ".join(problems))
-    identity = base_identity(ModelSource.from_json(store.get_setting(db, "base_model")))
+    identity = base_identity(source)
     check_base_identity(db, checkpoint_chain(db, config.parent_checkpoint_id), identity)
     return store.create_run(db, config.method, config.to_json(), name=name,
                             parent_checkpoint_id=config.parent_checkpoint_id, base_identity=identity)

@@ -357,6 +357,14 @@ class ConfigForm(QWidget):
         for editor in self.editors.values():
             editor.set_value(editor.default)
 
+    def mark_invalid(self, problems: dict[str, str]) -> None:
+        """Turn the fields settings.validate_settings refused red, with its message as their tooltip."""
+        for name, editor in self.editors.items():
+            bad = name in problems
+            editor.widget.setStyleSheet(f"border: 1px solid {DANGER};" if bad else "")
+            editor.widget.setToolTip(problems[name] if bad else editor.toolTip())
+            self.labels[name].setStyleSheet(f"color: {DANGER};" if bad else "")
+
     def _mark(self, editor: ValueEditor) -> None:
         """Settings that differ from the engine's default are shown in bold."""
         label = self.labels[editor.name]
@@ -852,7 +860,9 @@ class RunSetupPanel(QWidget):
             run_id = runs.create_run(self.project.db, config, self.run_name.text().strip() or None)
         except (StudioError, ValueError, TypeError) as exc:
             self.show_error(str(exc))
+            self.pages[method].form.mark_invalid(getattr(exc, "fields", {}))
             return None
+        self.pages[method].form.mark_invalid({})
         self.run_name.clear()
         self.run_created.emit(run_id)
         return run_id
