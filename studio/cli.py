@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--labels", action="store_true", help="labelled pairs as TRL preference JSONL")
     what.add_argument("--adapter", type=int, metavar="CHECKPOINT_ID", help="PEFT adapter folder")
     what.add_argument("--merged", type=int, metavar="CHECKPOINT_ID", help="full model folder (transformers)")
+
+    check = commands.add_parser("check", help="check a project: the whole database and every checkpoint's files")
+    check.add_argument("dir", type=Path)
+
+    backup = commands.add_parser("backup", help="copy the project's database safely, even while it is open")
+    backup.add_argument("dir", type=Path)
+    backup.add_argument("--to", type=Path, help="the backup file (default: a rotating one in DIR/backups/)")
     return parser
 
 
@@ -191,18 +199,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from studio.core.health import check_project
+
+    problems = check_project(args.dir)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{args.dir}: {len(problems)} problem{'s' if len(problems) != 1 else ''}" if problems else f"{args.dir}: ok")
+    return 1 if problems else 0
+
+
+def cmd_backup(args) -> int:
+    from studio.core import store
+
+    with store.Project.open(args.dir, read_only=True) as project:
+        made = store.backup(project.db, args.to) if args.to else store.rotating_backup(project.db, project.path, "manual")
+    print(f"Backed up {args.dir / store.DB_NAME} to {made}")
+    return 0
+
+
 COMMANDS = {"gui": cmd_gui, "init": cmd_init, "demo": cmd_demo, "import": cmd_import, "runs": cmd_runs,
-            "train": cmd_train, "export": cmd_export}
+            "train": cmd_train, "export": cmd_export, "check": cmd_check, "backup": cmd_backup}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         args = build_parser().parse_args(["gui", *(argv or sys.argv[1:])])
-    from studio.core.errors import StudioError  # light: the GUI path must not import torch here
+    from studio.core.errors import describe_error  # light: the GUI path must not import torch here
 
     try:
         return COMMANDS[args.command](args)
-    except (StudioError, FileNotFoundError) as exc:
-        print(f"studio: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a user sees a sentence, never a traceback (STUDIO_DEBUG=1 shows it)
+        if os.environ.get("STUDIO_DEBUG"):
+            raise
+        print(f"studio: error: {describe_error(exc, getattr(args, 'dir', None))}", file=sys.stderr)
         return 2

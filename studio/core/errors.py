@@ -1,5 +1,7 @@
 """User-facing errors: the base class of the core's own, and readable messages for any exception."""
 
+import errno
+
 OOM_ADVICE = (
     "Training ran out of memory. Try a smaller batch size, a shorter max length (prompt + response), "
     "or shorter responses (max_new_tokens for PPO); lowering the LoRA rank helps a little too. "
@@ -20,12 +22,37 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
-def describe_error(exc: BaseException) -> str:
-    """A readable message for an exception, with a suggestion where one is known."""
+DISK_FULL_SIGNS = ("database or disk is full", "no space left on device", "iostream error", "file write failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(sign in str(exc).lower() for sign in DISK_FULL_SIGNS)
+
+
+def describe_error(exc: BaseException, project: object = None) -> str:
+    """A readable message for an exception, with a suggestion where one is known.
+
+    `project`: the project folder the command worked on, named in messages about its files.
+    """
     if is_out_of_memory(exc):
         return f"{OOM_ADVICE}\n\n({type(exc).__name__}: {_first_line(exc)})"
     if {cls.__name__ for cls in type(exc).__mro__} & USER_ERRORS:
         return str(exc)
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None) or (f"{project}" if project else "the disk")
+        return (f"The disk is full (writing {where}). Free some space and run the command again; what "
+                f"was stored before is intact, since every write is all-or-nothing. ({_first_line(exc)})")
+    if type(exc).__name__ == "SecurityError":  # jinja2's sandbox refused something a chat template did
+        return (f"The model's chat template tried something the template sandbox forbids ({exc}). Templates "
+                "run in a sandbox so a model folder cannot run code: fix or replace the chat_template "
+                "(chat_template.jinja or tokenizer_config.json) in the model folder.")
+    if type(exc).__module__ == "sqlite3" and project:
+        return (f"The project database {project}/studio.db cannot be used: {exc}. Run `studio check "
+                f"{project}` for details; to recover, copy a backup from {project}/backups/ over it.")
+    if isinstance(exc, RecursionError):
+        return f"Input nested too deeply to read ({exc})"
     if isinstance(exc, FileNotFoundError):
         return f"A file is missing: {exc.filename or exc}"
     if isinstance(exc, KeyboardInterrupt):
