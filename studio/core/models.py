@@ -209,15 +209,15 @@ def base_identity(source: ModelSource) -> dict:
 
 
 def module_names(source: ModelSource) -> list[str]:
-    """The names of the model's weight-bearing modules (e.g. model.layers.0.self_attn.q_proj),
-    read from its safetensors headers: what LoRA target_modules are matched against."""
-    from safetensors import safe_open
+    """The model's module names (e.g. model.layers.0.self_attn.q_proj), what LoRA target_modules are
+    matched against: built on the meta device, so no weights are read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    names = set()
-    for file in resolve_folder(source).glob("*.safetensors"):
-        with safe_open(file, framework="pt") as weights:
-            names.update(key.rsplit(".", 1)[0] for key in weights.keys())
-    return sorted(names)
+    config = AutoConfig.from_pretrained(resolve_folder(source), trust_remote_code=False)
+    with _LOAD_LOCK, torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return [name for name, _ in model.named_modules() if name]
 
 
 def _check_architecture(folder: Path, config: dict) -> None:

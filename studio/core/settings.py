@@ -16,8 +16,8 @@ import typing
 from typing import Any, Iterable
 
 AT_LEAST_ONE = ("max_steps", "checkpoint_every", "lora_r", "eval_max_new_tokens")
-NOT_NEGATIVE = ("warmup_steps", "weight_decay", "seed")
-POSITIVE = ("learning_rate", "max_grad_norm", "lora_alpha")
+NOT_NEGATIVE = ("warmup_steps", "weight_decay", "seed", "learning_rate")  # a rate of 0 is a frozen probe
+POSITIVE = ("max_grad_norm", "lora_alpha")
 DEVICES = "auto, cpu, mps, cuda or cuda:N"
 
 
