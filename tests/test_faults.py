@@ -391,3 +391,18 @@ runs.execute({str(project.path)!r}, {run_id})
     assert runs.execute(project.path, run_id) == "completed"
     assert losses(project.db, run_id) == losses(project.db, straight)
     assert [c["step"] for c in store.checkpoints(project.db, run_id)] == [3, 6, 9]
+
+
+def test_a_chat_template_refused_by_the_sandbox_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "chat_template.jinja").write_text("{{ messages.append(1) }}")
+    folder = tmp_path / "p"
+    assert main(["init", str(folder), "--model", str(model)]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", '
+                     '"content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}\n')
+    assert main(["import", str(folder), str(pairs)]) == 0
+    assert main(["train", str(folder), "--method", "dpo", "--set", "max_steps=1"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"studio: error: The chat template of the model {model} tried something the "
+                           "template sandbox forbids (access to attribute 'append'")

@@ -1,5 +1,6 @@
 """User-facing errors: the base class of the core's own, and readable messages for any exception."""
 
+import contextlib
 import errno
 
 OOM_ADVICE = (
@@ -45,9 +46,9 @@ def describe_error(exc: BaseException, project: object = None) -> str:
         return (f"The disk is full (writing {where}). Free some space and run the command again; what "
                 f"was stored before is intact, since every write is all-or-nothing. ({_first_line(exc)})")
     if type(exc).__name__ == "SecurityError":  # jinja2's sandbox refused something a chat template did
-        return (f"The model's chat template tried something the template sandbox forbids ({exc}). Templates "
-                "run in a sandbox so a model folder cannot run code: fix or replace the chat_template "
-                "(chat_template.jinja or tokenizer_config.json) in the model folder.")
+        return (f"The chat template of the model {_base_model_path(project)} tried something the template "
+                f"sandbox forbids ({exc}). Templates run in a sandbox so a model folder cannot run code: fix "
+                "or replace its chat_template.jinja (or the chat_template in tokenizer_config.json).")
     if type(exc).__module__ == "sqlite3" and project:
         return (f"The project database {project}/studio.db cannot be used: {exc}. Run `studio check "
                 f"{project}` for details; to recover, copy a backup from {project}/backups/ over it.")
@@ -58,6 +59,20 @@ def describe_error(exc: BaseException, project: object = None) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "The run was interrupted."
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _base_model_path(project: object) -> str:
+    """The project's base model folder, for messages (read with plain sqlite3: this module stays light)."""
+    import json
+    import sqlite3
+    from pathlib import Path
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{Path(str(project)) / 'studio.db'}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT value FROM settings WHERE key = 'base_model'").fetchone()
+        return json.loads(row[0]).get("path") or "(the demo model)"
+    except (TypeError, ValueError, AttributeError, sqlite3.Error):
+        return "folder"
 
 
 def _first_line(exc: BaseException) -> str:
