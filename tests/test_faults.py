@@ -204,7 +204,8 @@ def test_a_changed_base_is_refused_for_resume_export_and_new_runs_from_a_checkpo
     control = runs.RunControl()
     runs.execute(project.path, run_id, control, on_metrics=lambda r: control.stop() if r["step"] == 4 else None)
     checkpoint = store.checkpoints(project.db, run_id)[-1]
-    assert json.loads(store.get_run(project.db, run_id)["base_identity"]) == json.loads(checkpoint["base_identity"])
+    run_base = json.loads(store.get_run(project.db, run_id)["base_identity"])
+    assert run_base["hash"] == json.loads(checkpoint["base_identity"])["hash"]
 
     other = build_tiny_model_folder(tmp_path / "retrained", seed=1)  # same architecture, other weights
     store.set_setting(project.db, "base_model", {"kind": "folder", "path": str(other)})
@@ -406,3 +407,29 @@ def test_a_chat_template_refused_by_the_sandbox_is_a_clear_error(tiny_model_dir,
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"studio: error: The chat template of the model {model} tried something the "
                            "template sandbox forbids (access to attribute 'append'")
+
+
+def save_reward_model(folder, tiny_model_dir, seed):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from studio.core.models import load_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(tiny_model_dir).save_pretrained(folder)
+
+
+def test_a_reward_model_retrained_under_the_same_name_is_refused_on_resume(project, tiny_model_dir):
+    save_reward_model(project.path / "rm", tiny_model_dir, seed=0)
+    store.add_dataset(project.db, "train", "prompts", [{"prompt": "Say something."}] * 4)
+    config = runs.make_config("ppo", {"reward_sources": [{"type": "reward_model", "path": "rm"}]})
+    run_id = runs.create_run(project.db, config)
+    recorded = json.loads(store.get_run(project.db, run_id)["base_identity"])["reward_models"]
+    assert list(recorded) == ["reward_model rm"]
+
+    save_reward_model(project.path / "rm", tiny_model_dir, seed=1)  # retrained: same name, other weights
+    with pytest.raises(runs.BaseModelChangedError, match="reward model reward_model rm .* has changed since"):
+        runs.execute(project.path, run_id)
+    assert "has changed since" in store.get_run(project.db, run_id)["error"]

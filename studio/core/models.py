@@ -190,11 +190,15 @@ IDENTITY_SAMPLES = 8  # 64 KiB reads spread over each weights file: a retrained 
 
 
 def base_identity(source: ModelSource) -> dict:
-    """What a checkpoint was trained on: the model's description and a hash of its config, weights
-    index and safetensors headers plus a few sampled blocks of the weights (read in milliseconds)."""
-    folder = resolve_folder(source)
+    """What a checkpoint was trained on: the model's description and its folder's fingerprint."""
+    return {"model": source.describe(), "hash": folder_fingerprint(resolve_folder(source))}
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A hash of a model folder's config, weights index and safetensors headers plus a few sampled
+    blocks of the weights (read in milliseconds): a retrained model with the same shapes differs."""
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
+    for name in ("config.json", "model.safetensors.index.json", "adapter_config.json", "meta.json"):
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
     for file in sorted(folder.glob("*.safetensors")):
@@ -205,7 +209,7 @@ def base_identity(source: ModelSource) -> dict:
             for i in range(IDENTITY_SAMPLES):
                 f.seek(size * i // IDENTITY_SAMPLES)
                 digest.update(f.read(64 * 1024))
-    return {"model": source.describe(), "hash": digest.hexdigest()[:16]}
+    return digest.hexdigest()[:16]
 
 
 def module_names(source: ModelSource) -> list[str]:

@@ -36,7 +36,7 @@ from typing import Callable
 from . import store
 from .errors import StudioError
 from .generation import Decoding, generate
-from .models import ModelSource, add_lora, base_identity, load_model, module_names, pick_device
+from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
 
@@ -150,7 +150,8 @@ def create_run(db, config: TrainConfig, name: str | None = None) -> int:
     identity = base_identity(source)
     check_base_identity(db, checkpoint_chain(db, config.parent_checkpoint_id), identity)
     return store.create_run(db, config.method, config.to_json(), name=name,
-                            parent_checkpoint_id=config.parent_checkpoint_id, base_identity=identity)
+                            parent_checkpoint_id=config.parent_checkpoint_id,
+                            base_identity={**identity, "reward_models": reward_model_identities(db, config)})
 
 
 class RunControl:
@@ -407,14 +408,37 @@ def take_run_lock(run_dir: Path, run_id: int) -> int:
                            "Stop it there, or wait for it to finish.")
 
 
-def check_run_base(db, run: dict, identity: dict) -> None:
-    """A run resumes only on the base it started on."""
+def reward_model_identities(db, config: TrainConfig) -> dict[str, str]:
+    """Fingerprints of the reward model folders a run scores with (a model retrained under the same
+    name gets another fingerprint)."""
+    from .rewards import source_from_json
+
+    out = {}
+    for data in getattr(config, "reward_sources", None) or []:
+        source = source_from_json(data)
+        if hasattr(source, "folder") and source.folder(store.project_dir(db)).is_dir():
+            out[f"{source.type} {getattr(source, 'model', '') or source.path}"] = folder_fingerprint(
+                source.folder(store.project_dir(db)))
+    return out
+
+
+def check_run_base(db, run: dict, config: TrainConfig, identity: dict) -> None:
+    """A run resumes only on the base, and with the reward models, it started with."""
     recorded = json.loads(run.get("base_identity") or "null")
-    if recorded and recorded["hash"] != identity["hash"]:
+    if not recorded:
+        return  # a run from before identities were recorded
+    if recorded["hash"] != identity["hash"]:
         raise BaseModelChangedError(
             f"Run {run['id']} was started on {recorded['model']} (content {recorded['hash']}), but the "
             f"project's base is now {identity['model']} (content {identity['hash']}). Resuming would put "
             "its adapter on another model: put that base back in the project settings, or start a new run.")
+    now = reward_model_identities(db, config)
+    for name, fingerprint in recorded.get("reward_models", {}).items():
+        if now.get(name) != fingerprint:
+            raise BaseModelChangedError(
+                f"Run {run['id']} was started with the reward model {name} (content {fingerprint}), which has "
+                f"changed since (content {now.get(name, 'missing')}). Resuming would change what the run "
+                "optimises half-way: start a new run with the new reward model, or put the old one back.")
 
 
 def record_failure(db, run_id: int, sink: MetricsSink, exc: BaseException) -> None:
@@ -459,7 +483,7 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
     try:
         torch.manual_seed(config.seed)
         identity = base_identity(ModelSource.from_json(store.get_setting(db, "base_model")))
-        check_run_base(db, run, identity)
+        check_run_base(db, run, config, identity)
         device, dtype = pick_device(config.device)
         log(f"Loading model on {device} ({dtype})")
         model, tokenizer = load_model_state(db, config.parent_checkpoint_id, device)
