@@ -675,4 +675,4 @@ def load_trained_reward_model(folder: Path, device: str = "cpu", batch_size: int
 
 def project_folder(db) -> Path:
     """The project folder of an open project database (the folder holding studio.db)."""
-    return Path(db.execute("PRAGMA database_list").fetchone()[2]).parent
+    return store.project_dir(db)

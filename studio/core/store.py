@@ -255,6 +255,7 @@ def connect(path: Path | str) -> Database:
     db = Database(Path(path) / DB_NAME)
     db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA busy_timeout = 10000")  # the window reads while a worker writes
+    db.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns (WAL's default is NORMAL in some builds)
     return db
 
 
