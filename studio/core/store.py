@@ -111,12 +111,8 @@ def m003_portable_checkpoints(db: Database) -> None:
     db["runs"].add_column("base_identity", str)
     db["checkpoints"].add_column("base_identity", str)
     for row in list(db.query("SELECT id, run_id, path FROM checkpoints")):
-        db["checkpoints"].update(row["id"], {"path": checkpoint_relative_path(row["run_id"], row["path"])})
-
-
-def checkpoint_relative_path(run_id: int, path: str) -> str:
-    """Where a checkpoint lives inside its project: runs/<run id>/<checkpoint folder>."""
-    return f"runs/{run_id}/{Path(path).name}"
+        # Every checkpoint was written to runs/<run id>/ (wherever the project was then).
+        db["checkpoints"].update(row["id"], {"path": f"runs/{row['run_id']}/{Path(row['path']).name}"})
 
 
 class ProjectError(StudioError):
@@ -599,9 +595,13 @@ def latest_metrics(db: Database) -> dict[int, tuple[int, dict[str, float]]]:
 
 
 def add_checkpoint(db: Database, run_id: int, step: int, path: str, base_identity: dict | None = None) -> int:
-    """Register a checkpoint folder; its path is stored relative to the project, so the folder moves with it."""
+    """Register a checkpoint folder; a path inside the project is stored relative to it, so it moves with it."""
+    try:
+        stored = Path(path).resolve().relative_to(project_dir(db).resolve()).as_posix()
+    except ValueError:
+        stored = str(path)  # outside the project (an external folder): kept as given
     return db["checkpoints"].insert(
-        {"run_id": run_id, "step": step, "path": checkpoint_relative_path(run_id, path),
+        {"run_id": run_id, "step": step, "path": stored,
          "base_identity": json.dumps(base_identity) if base_identity else None,
          "created_at": time.time()}).last_pk
 
