@@ -14,10 +14,9 @@ def check_project(path: Path | str) -> list[str]:
     if not (path / store.DB_NAME).exists():
         return [f"{path} is not a studio project (no {store.DB_NAME})"]
     try:
-        store.check_database_file(path)
+        db = store.connect(path)
     except store.DamagedProjectError as exc:
         return [str(exc)]
-    db = store.connect(path)
     try:
         problems = [f"{path / store.DB_NAME}: {p}" for p in store.integrity_problems(db, full=True)]
         if problems:

@@ -127,7 +127,6 @@ class DamagedProjectError(ProjectError):
     """A studio.db that is not a healthy database of this version; nothing is written to it."""
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
 BACKUP_DIR = "backups"
 BACKUPS_KEPT = 5
 
@@ -142,19 +141,20 @@ def recovery_advice(path: Path) -> str:
 
 
 def check_database_file(path: Path) -> None:
-    """Refuse a studio.db that is empty or not an SQLite file, before SQLite sees it."""
+    """Refuse a studio.db that is empty or not a regular file, before SQLite sees it (an empty file
+    would silently become a new database).
+
+    Only stat: opening and closing the file would drop the POSIX locks this process's SQLite
+    connections hold on it. SQLite itself refuses a file without its header (see connect)."""
     file = path / DB_NAME
-    if not file.exists():
+    try:
+        info = file.stat()
+    except FileNotFoundError:
         return
-    if not file.is_file():
+    if not stat.S_ISREG(info.st_mode):
         raise DamagedProjectError(f"{file} is not a regular file. {recovery_advice(path)}")
-    with open(file, "rb") as f:
-        header = f.read(len(SQLITE_HEADER))
-    if not header:
+    if info.st_size == 0:
         raise DamagedProjectError(f"{file} is empty (0 bytes): the project's data is gone. {recovery_advice(path)}")
-    if header != SQLITE_HEADER:
-        raise DamagedProjectError(f"{file} is not an SQLite database (it may have been overwritten). "
-                                  f"{recovery_advice(path)}")
 
 
 def integrity_problems(db: Database, full: bool = False) -> list[str]:
@@ -249,9 +249,17 @@ def connect(path: Path | str) -> Database:
     """A new connection to a project's database (one per thread)."""
     check_database_file(Path(path))
     db = Database(Path(path) / DB_NAME)
-    db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA busy_timeout = 10000")  # the window reads while a worker writes
-    db.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns (WAL's default is NORMAL in some builds)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")  # the window reads while a worker writes
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads (and checks) the header
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA synchronous = FULL")  # a commit is durable when it returns (some builds default WAL to NORMAL)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if isinstance(exc, sqlite3.OperationalError):  # locked, disk I/O: not a statement about the file
+            raise
+        raise DamagedProjectError(f"{Path(path) / DB_NAME} is not an SQLite database ({exc}); it may have been "
+                                  f"overwritten. {recovery_advice(Path(path))}") from None
     return db
 
 
