@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from studio.cli import main
 from studio.core import runs, store
@@ -433,3 +434,28 @@ def test_a_reward_model_retrained_under_the_same_name_is_refused_on_resume(proje
     with pytest.raises(runs.BaseModelChangedError, match="reward model reward_model rm .* has changed since"):
         runs.execute(project.path, run_id)
     assert "has changed since" in store.get_run(project.db, run_id)["error"]
+
+
+@pytest.fixture(scope="module")
+def whole_checkpoint(tmp_path_factory):
+    """A checkpoint folder laid out as save_checkpoint writes it (small tensors, no model)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("checkpoint") / "checkpoint-3"
+    (folder / "adapter").mkdir(parents=True)
+    save_file({"a.lora_A.weight": torch.randn(8, 4), "a.lora_B.weight": torch.randn(4, 8)},
+              folder / runs.ADAPTER_FILE)
+    torch.save({"step": 3, "optimizer": {"state": torch.randn(64)}}, folder / runs.TRAINER_STATE_FILE)
+    assert runs.verify_checkpoint(folder) is None
+    return folder
+
+
+@settings(max_examples=60, deadline=None)
+@given(which=st.sampled_from([runs.ADAPTER_FILE, runs.TRAINER_STATE_FILE]), keep=st.floats(0.0, 0.999))
+def test_any_truncation_of_a_checkpoint_file_is_detected(whole_checkpoint, tmp_path_factory, which, keep):
+    folder = Path(shutil.copytree(whole_checkpoint, tmp_path_factory.mktemp("cut") / "checkpoint-3"))
+    data = (folder / which).read_bytes()
+    (folder / which).write_bytes(data[:int(len(data) * keep)])
+    problem = runs.verify_checkpoint(folder)
+    assert problem is not None and which.rsplit("/", 1)[-1] in problem

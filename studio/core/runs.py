@@ -148,7 +148,7 @@ def create_run(db, config: TrainConfig, name: str | None = None) -> int:
     if problems:
         raise ConfigError("Cannot start this run:\n- " + "\n- ".join(problems))
     identity = base_identity(source)
-    check_base_identity(db, checkpoint_chain(db, config.parent_checkpoint_id), identity)
+    check_base_identity(checkpoint_chain(db, config.parent_checkpoint_id), identity)
     return store.create_run(db, config.method, config.to_json(), name=name,
                             parent_checkpoint_id=config.parent_checkpoint_id,
                             base_identity={**identity, "reward_models": reward_model_identities(db, config)})
@@ -225,7 +225,7 @@ class BaseModelChangedError(StudioError):
     """A checkpoint trained on another base than the project's current one (its adapter would not fit)."""
 
 
-def check_base_identity(db, chain: list[dict], identity: dict) -> None:
+def check_base_identity(chain: list[dict], identity: dict) -> None:
     """Refuse to put adapters trained on one base onto another (rows from before identities pass)."""
     for checkpoint in chain:
         recorded = json.loads(checkpoint.get("base_identity") or "null")
@@ -255,7 +255,7 @@ def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
     source = ModelSource.from_json(store.get_setting(db, "base_model"))
     chain = checkpoint_chain(db, checkpoint_id)
     if chain:
-        check_base_identity(db, chain, base_identity(source))
+        check_base_identity(chain, base_identity(source))
     folders = [verified_folder(db, checkpoint) for checkpoint in chain]  # before the slow model load
     model, tokenizer = load_model(source, device)
     for folder in folders:
@@ -313,13 +313,15 @@ def verify_checkpoint(folder: Path) -> str | None:
     try:
         with open(adapter, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
+            if size > adapter.stat().st_size:
+                return f"{adapter} is damaged (its header length is past the end of the file)"
             header = json.loads(f.read(size))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + size + end != adapter.stat().st_size:
             return f"{adapter} is truncated or padded ({adapter.stat().st_size} bytes, header says {8 + size + end})"
     except FileNotFoundError:
         return f"{adapter} is missing"
-    except (ValueError, KeyError, TypeError, IndexError, MemoryError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
         return f"{adapter} is damaged ({type(exc).__name__})"
     state = folder / TRAINER_STATE_FILE
     try:
