@@ -103,7 +103,7 @@ def test_pages_overwritten_in_the_middle_are_detected_and_nothing_more_is_writte
     damaged = digest(folder / store.DB_NAME)
     with pytest.raises(store.DamagedProjectError, match="is damaged") as caught:
         store.Project.open(folder)
-    assert "copy the newest backup over it: cp " in str(caught.value)
+    assert "put the newest backup in its place: rm -f " in str(caught.value)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     assert main(["import", str(folder), str(pairs)]) == 2
@@ -112,6 +112,8 @@ def test_pages_overwritten_in_the_middle_are_detected_and_nothing_more_is_writte
     assert digest(folder / store.DB_NAME) == damaged
 
     backup = sorted((folder / store.BACKUP_DIR).glob("*.db"))[-1]  # the advice, followed
+    for journal in ("-wal", "-shm"):
+        (folder / f"{store.DB_NAME}{journal}").unlink(missing_ok=True)
     shutil.copy(backup, folder / store.DB_NAME)
     with store.Project.open(folder) as project:
         assert len(store.prompts(project.db)) == 400

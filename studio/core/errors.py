@@ -51,7 +51,8 @@ def describe_error(exc: BaseException, project: object = None) -> str:
                 "or replace its chat_template.jinja (or the chat_template in tokenizer_config.json).")
     if type(exc).__module__ == "sqlite3" and project:
         return (f"The project database {project}/studio.db cannot be used: {exc}. Run `studio check "
-                f"{project}` for details; to recover, copy a backup from {project}/backups/ over it.")
+                f"{project}` for details; to recover, put a backup from {project}/backups/ in its place (and delete "
+                "studio.db-wal and studio.db-shm).")
     if isinstance(exc, RecursionError):
         return f"Input nested too deeply to read ({exc})"
     if isinstance(exc, FileNotFoundError):

@@ -134,8 +134,9 @@ BACKUPS_KEPT = 5
 def recovery_advice(path: Path) -> str:
     backups = sorted((path / BACKUP_DIR).glob("*.db")) if (path / BACKUP_DIR).is_dir() else []
     if backups:
-        return (f"Nothing was changed. To recover, copy the newest backup over it: "
-                f"cp {backups[-1]} {path / DB_NAME}")
+        db = path / DB_NAME  # the damaged database's journal must go too, or SQLite replays it onto the copy
+        return (f"Nothing was changed. To recover, close Alignment Studio and put the newest backup in its "
+                f"place: rm -f {db}-wal {db}-shm && cp {backups[-1]} {db}")
     return ("Nothing was changed. Restore studio.db from a backup of the folder; this project has "
             f"no backups of its own in {path / BACKUP_DIR}.")
 
@@ -169,7 +170,7 @@ def integrity_problems(db: Database, full: bool = False) -> list[str]:
 
 def unknown_migrations(db: Database) -> list[str]:
     """Migrations applied by a newer Alignment Studio that this version does not know."""
-    known = {m.name for m in migrations._migrations}
+    known = {m.name for m in migrations._migrations}  # sqlite-utils has no public list of a set's names
     return [m.name for m in migrations.applied(db) if m.name not in known]
 
 
@@ -292,6 +293,7 @@ class Project:
         if not _creating and not (path / DB_NAME).exists():
             raise ProjectError(f"{path} is not a studio project (no {DB_NAME}); create one with `studio init {path}`")
         lock_fd = None if read_only else _take_lock(path)
+        db = None
         try:
             db = connect(path)
             _check_database(db, path)
@@ -304,6 +306,8 @@ class Project:
                 for folder in ("runs", "exports"):
                     (path / folder).mkdir(exist_ok=True)
         except Exception:
+            if db is not None:
+                db.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
