@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import rewards, store
+from . import distributed, rewards, store
+from .errors import StudioError
 from .generation import encode_prompt, left_pad, sample, stop_token_ids
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
@@ -191,6 +192,12 @@ def training_prompts(db, dataset_ids: list[int] | None) -> list[dict]:
     return rows if dataset_ids is None else [r for r in rows if r["dataset_id"] in dataset_ids]
 
 
+def select_data(config: Config, db) -> dict:
+    """The run's TrainingData fields (see ``runs.gather_training_data``)."""
+    return {"prompts": [{"id": row["id"], "prompt": row["prompt"]}
+                        for row in training_prompts(db, config.prompt_dataset_ids)]}
+
+
 def validate(config: Config, db) -> list[str]:
     problems = []
     at_least_one = ("prompts_per_step", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps", "kl_horizon")
@@ -275,9 +282,12 @@ class ForwardOutput(NamedTuple):
 # --- the engine -------------------------------------------------------------------------------
 
 class Engine:
-    def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
+        if distributed.world_size() > 1:
+            raise StudioError("PPO does not run data-parallel yet: launch it with one process "
+                              "(or export it to OpenRLHF or verl with `studio export-job`)")
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
-        rows = training_prompts(db, config.prompt_dataset_ids)
+        rows = data.prompts
         self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
         self.prompts_by_id = {row["id"]: row["prompt"] for row in rows}
         self.stop_ids = stop_token_ids(tokenizer, policy)
@@ -293,8 +303,7 @@ class Engine:
         self.kl_controller = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None,
                                           config.kl_horizon)
         self.normalizer = rewards.RewardNormalizer(config.reward_normalization, config.reward_clip)
-        project_path = Path(run_dir).parent.parent  # runs live in <project>/runs/<id>
-        self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, project_path, device)
+        self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, data.reward_root, device)
 
     # -- the one forward pass: rollout statistics and training both use it --
 

@@ -4,17 +4,24 @@ An engine module (``studio.core.dpo``, ``studio.core.ppo``) provides:
 
 * ``Config``: a dataclass extending :class:`TrainConfig` with the method's hyper-parameters;
 * ``validate(config, db) -> list[str]``: problems that must stop a launch (e.g. no pairs);
-* ``Engine(config, policy, tokenizer, db, device, run_dir)`` with attributes ``model`` (the
-  PeftModel policy), ``optimizer``, ``scheduler``, and methods ``train_step(step) -> dict`` (one
-  optimizer step, returning metrics named as TRL names them), ``extra_state() -> dict`` and
-  ``load_extra_state(state)`` (what a checkpoint needs beyond adapter, optimizer, scheduler, RNG:
-  tensors, numbers and strings only, so it loads with ``weights_only=True``).
+* ``select_data(config, db) -> dict``: the :class:`TrainingData` fields it trains on (``pairs`` or
+  ``prompts``), read from the project when a run starts; nothing else of the engine sees the database;
+* ``Engine(config, policy, tokenizer, data, device, run_dir)``, `data` a :class:`TrainingData`, with
+  attributes ``model`` (the PeftModel policy), ``optimizer``, ``scheduler``, and methods
+  ``train_step(step) -> dict`` (one optimizer step, returning metrics named as TRL names them),
+  ``extra_state() -> dict`` and ``load_extra_state(state)`` (what a checkpoint needs beyond adapter,
+  optimizer, scheduler, RNG: tensors, numbers and strings only, so it loads with ``weights_only=True``).
+  Under ``torchrun`` / ``accelerate launch`` an engine takes its rank's share of each step through
+  ``studio.core.distributed`` (a no-op in one process).
 
-:func:`execute` drives one: it loads the model state the run starts from, wraps it with a fresh LoRA
-adapter, resumes from the run's last checkpoint if there is one, and calls ``train_step`` until
-``max_steps`` or a stop request, checking pause/stop between steps. Data order and every random
-draw come from seeded generators whose state is in the checkpoint, so a resumed run (even after a
-kill -9) repeats exactly what an uninterrupted run does on the CPU.
+:func:`train` drives one: it loads the model state the run starts from, wraps it with a fresh LoRA
+adapter, resumes from the last checkpoint its sink knows, and calls ``train_step`` until
+``max_steps`` or a stop request, checking pause/stop between steps. Everything it records goes to a
+:class:`RunSink`: :class:`SQLiteSink` for a run of a project (:func:`execute`, the path every local
+run takes: CLI, window, child process) or ``bundles.BundleSink`` (JSONL and a status file) for a run
+bundle on another machine. Data order and every random draw come from seeded generators whose state
+is in the checkpoint, so a resumed run (even after a kill -9) repeats exactly what an uninterrupted
+run does on the CPU.
 """
 
 from __future__ import annotations
@@ -28,11 +35,11 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
-from . import store
+from . import distributed, store
 from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
@@ -166,8 +173,46 @@ class RunControl:
         self.run_flag.wait()
 
 
-class MetricsSink:
-    """Buffers step records and writes them to the store in batches (one transaction each)."""
+@dataclass
+class TrainingData:
+    """What a run trains on, fixed when it starts: plain rows, no database behind them."""
+
+    pairs: list[dict] = field(default_factory=list)  # preference pairs: prompt, chosen, rejected (DPO)
+    prompts: list[dict] = field(default_factory=list)  # training prompts: id, prompt (PPO)
+    eval_prompts: list[dict] = field(default_factory=list)  # id, prompt: sampled greedily at each checkpoint
+    reward_root: Path | None = None  # the folder reward-model paths resolve from: the project or the bundle
+
+
+def gather_training_data(db, config: TrainConfig) -> TrainingData:
+    """The run's data from the project: what its engine selects, the eval prompts, the project folder."""
+    from .rewards import project_folder
+
+    eval_prompts = [{"id": row["id"], "prompt": row["prompt"]} for row in store.eval_prompts(db)]
+    return TrainingData(**engine_module(config.method).select_data(config, db), eval_prompts=eval_prompts,
+                        reward_root=project_folder(db))
+
+
+@dataclass
+class ModelStart:
+    """The model state a run starts from: the base model and the adapters merged into it, oldest first."""
+
+    base: ModelSource
+    adapters: list[Path] = field(default_factory=list)  # PEFT adapter folders
+
+
+class RunSink(Protocol):
+    """Where a run's records go: the project database (SQLiteSink) or a bundle's files (BundleSink)."""
+
+    def add(self, record: dict) -> None: ...  # one step's metrics; may be buffered
+    def flush(self) -> None: ...
+    def set_status(self, status: str, error: str | None = None) -> None: ...
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None: ...
+    def last_checkpoint(self) -> Path | None: ...  # the folder a resumed run continues from
+    def discard_after(self, step: int) -> None: ...  # metrics of steps a resumed run will redo
+
+
+class SQLiteSink:
+    """A project's run: metrics written in batches (one transaction each), checkpoints registered."""
 
     def __init__(self, db, run_id: int, batch_size: int = 10, max_delay_s: float = 2.0) -> None:
         self.db, self.run_id = db, run_id
@@ -186,6 +231,21 @@ class MetricsSink:
             self.pending = []
         self.last_flush = time.monotonic()
 
+    def set_status(self, status: str, error: str | None = None) -> None:
+        store.set_run_status(self.db, self.run_id, status, error=error)
+
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None:
+        with self.db.atomic():  # the checkpoint and its samples together, or neither
+            checkpoint_id = store.add_checkpoint(self.db, self.run_id, step, str(folder))
+            store.add_samples(self.db, [{**sample, "checkpoint_id": checkpoint_id} for sample in samples])
+
+    def last_checkpoint(self) -> Path | None:
+        registered = store.checkpoints(self.db, self.run_id)
+        return Path(registered[-1]["path"]) if registered else None
+
+    def discard_after(self, step: int) -> None:
+        store.delete_metrics_after(self.db, self.run_id, step)
+
 
 # --- model states: the base, or the base with a chain of checkpoints merged in ----------------
 
@@ -199,14 +259,25 @@ def checkpoint_chain(db, checkpoint_id: int | None) -> list[dict]:
     return chain[::-1]
 
 
-def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
-    """(model, tokenizer) for the base (None) or a checkpoint, with its adapters merged in."""
+def model_start(db, checkpoint_id: int | None) -> ModelStart:
+    """The project's base model with the adapters of `checkpoint_id`'s chain (none for the base)."""
+    return ModelStart(ModelSource.from_json(store.get_setting(db, "base_model")),
+                      [Path(c["path"]) / "adapter" for c in checkpoint_chain(db, checkpoint_id)])
+
+
+def load_start(start: ModelStart, device: str = "cpu"):
+    """(model, tokenizer): the base with `start`'s adapters merged in, in order."""
     from peft import PeftModel
 
-    model, tokenizer = load_model(ModelSource.from_json(store.get_setting(db, "base_model")), device)
-    for checkpoint in checkpoint_chain(db, checkpoint_id):
-        model = PeftModel.from_pretrained(model, Path(checkpoint["path"]) / "adapter").merge_and_unload()
+    model, tokenizer = load_model(start.base, device)
+    for adapter in start.adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model, tokenizer
+
+
+def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
+    """(model, tokenizer) for the base (None) or a checkpoint, with its adapters merged in."""
+    return load_start(model_start(db, checkpoint_id), device)
 
 
 def export_adapter(db, checkpoint_id: int, out_dir: Path | str) -> Path:
@@ -243,9 +314,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer, device: str,
-                    config: TrainConfig) -> int:
-    """Write adapter + trainer state atomically, sample the eval prompts, register both together."""
+def save_checkpoint(sink: RunSink, run_dir: Path, step: int, engine, tokenizer, device: str,
+                    config: TrainConfig, eval_prompts: list[dict]) -> Path:
+    """Write adapter + trainer state atomically, sample the eval prompts, hand both to the sink together."""
     import torch
 
     folder = run_dir / f"checkpoint-{step}"
@@ -258,29 +329,21 @@ def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer
     shutil.rmtree(folder, ignore_errors=True)  # left by a crash between rename and registration
     os.replace(partial, folder)
 
-    eval_rows = store.eval_prompts(db)
     decoding = Decoding(max_new_tokens=config.eval_max_new_tokens)
-    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_rows], decoding) if eval_rows else []
-    with db.atomic():
-        checkpoint_id = store.add_checkpoint(db, run_id, step, str(folder))
-        store.add_samples(db, [
-            {"checkpoint_id": checkpoint_id, "prompt_id": row["id"], "sample_index": 0,
-             "seed": decoding.seed, "decoding": decoding.to_json(), "text": g.text,
-             "scores": {"length": len(g.response_ids), "finished": g.finished}}
-            for row, g in zip(eval_rows, generations)])
-    return checkpoint_id
+    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_prompts], decoding) if eval_prompts else []
+    sink.checkpoint_saved(step, folder, [
+        {"prompt_id": row["id"], "sample_index": 0, "seed": decoding.seed, "decoding": decoding.to_json(),
+         "text": g.text, "scores": {"length": len(g.response_ids), "finished": g.finished}}
+        for row, g in zip(eval_prompts, generations)])
+    return folder
 
 
-def resume_from_last_checkpoint(db, run_id: int, engine) -> int:
-    """Load the run's last registered checkpoint into `engine`; returns the step to continue from."""
+def resume_from_checkpoint(folder: Path, engine) -> int:
+    """Load checkpoint `folder` into `engine` (adapter, optimizer, scheduler, RNG); returns its step."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    registered = store.checkpoints(db, run_id)
-    if not registered:
-        return 0
-    folder = Path(registered[-1]["path"])
     adapter = load_file(folder / "adapter" / "adapter_model.safetensors",
                         device=str(next(engine.model.parameters()).device))
     set_peft_model_state_dict(engine.model, adapter)
@@ -289,7 +352,6 @@ def resume_from_last_checkpoint(db, run_id: int, engine) -> int:
     engine.scheduler.load_state_dict(state["scheduler"])
     engine.load_extra_state(state["engine"])
     _set_rng_state(state["rng"])
-    store.delete_metrics_after(db, run_id, state["step"])  # steps after it will be recomputed
     return state["step"]
 
 
@@ -298,44 +360,78 @@ def resume_from_last_checkpoint(db, run_id: int, engine) -> int:
 def execute(project_path: Path | str, run_id: int, control: RunControl | None = None,
             on_metrics: Callable[[dict], None] | None = None,
             on_log: Callable[[str], None] | None = None) -> str:
-    """Train run `run_id` to its end or to a stop request; returns the final status.
+    """Train run `run_id` of a project to its end or to a stop request; returns the final status.
 
     Opens its own database connection, so it can run in any thread. On an exception the run is
     marked failed (its checkpoints stay intact) and the exception propagates to the caller.
+    """
+    project_path = Path(project_path)
+    db = store.connect(project_path)
+    sink = SQLiteSink(db, run_id)
+    try:
+        run = store.get_run(db, run_id)
+        config = engine_module(run["method"]).Config.from_json(run["config"])
+        data = gather_training_data(db, config)
+        start = model_start(db, config.parent_checkpoint_id)
+    except BaseException as exc:
+        sink.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        db.close()
+        raise
+    try:
+        return train(config, data, start, project_path / "runs" / str(run_id), sink, control, on_metrics, on_log)
+    finally:
+        db.close()
+
+
+def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: Path, sink: RunSink,
+          control: RunControl | None = None, on_metrics: Callable[[dict], None] | None = None,
+          on_log: Callable[[str], None] | None = None) -> str:
+    """Train `config` on `data` from `start`, recording to `sink`; returns the final status.
+
+    In a data-parallel launch every rank calls this with the same arguments; rank 0 alone writes
+    checkpoints (other ranks get a sink that only reads). On an exception the run is marked failed
+    and the exception propagates.
     """
     import torch
 
     control = control or RunControl()
     log = on_log or (lambda message: None)
-    project_path = Path(project_path)
-    db = store.connect(project_path)
-    run = store.get_run(db, run_id)
-    module = engine_module(run["method"])
-    config = module.Config.from_json(run["config"])
-    run_dir = project_path / "runs" / str(run_id)
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    sink = MetricsSink(db, run_id)
-    store.set_run_status(db, run_id, "running")
+    is_main = distributed.is_main()
+    sink.set_status("running")
     try:
         torch.manual_seed(config.seed)
         device, dtype = pick_device(config.device)
+        device = distributed.local_device(device)
         log(f"Loading model on {device} ({dtype})")
-        model, tokenizer = load_model_state(db, config.parent_checkpoint_id, device)
+        model, tokenizer = load_start(start, device)
         policy = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                           config.lora_target_modules)
-        engine = module.Engine(config, policy, tokenizer, db, device, run_dir)
-        step = resume_from_last_checkpoint(db, run_id, engine)
-        if step:
+        engine = engine_module(config.method).Engine(config, policy, tokenizer, data, device, run_dir)
+        step = 0
+        last = sink.last_checkpoint()
+        if last is not None:
+            step = resume_from_checkpoint(last, engine)
+            sink.discard_after(step)  # steps after it will be recomputed
             log(f"Resumed from the checkpoint at step {step}")
         last_saved = step
+
+        def checkpoint() -> None:
+            sink.flush()
+            if is_main:
+                save_checkpoint(sink, run_dir, step, engine, tokenizer, device, config, data.eval_prompts)
+            distributed.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
+            log(f"Checkpoint saved at step {step}")
+
         while step < config.max_steps:
             if control.paused:
                 sink.flush()
-                store.set_run_status(db, run_id, "paused")
+                sink.set_status("paused")
                 log(f"Paused after step {step}")
                 control.wait_while_paused()
-                store.set_run_status(db, run_id, "running")
-            if control.stop_requested:
+                sink.set_status("running")
+            if distributed.any_rank(control.stop_requested):
                 break
             started = time.perf_counter()
             record = engine.train_step(step)
@@ -346,21 +442,16 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
             if on_metrics is not None:
                 on_metrics(record)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
-                sink.flush()
-                save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+                checkpoint()
                 last_saved = step
-                log(f"Checkpoint saved at step {step}")
         sink.flush()
         if step != last_saved:
-            save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
-            log(f"Checkpoint saved at step {step}")
+            checkpoint()
         status = "completed" if step >= config.max_steps else "stopped"
-        store.set_run_status(db, run_id, status)
+        sink.set_status(status)
         log(f"Run {status} at step {step}")
         return status
     except BaseException as exc:
         sink.flush()
-        store.set_run_status(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        sink.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    finally:
-        db.close()
