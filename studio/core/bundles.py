@@ -385,6 +385,10 @@ def import_bundle(db, project_path: Path, bundle: Path) -> int:
     run_id = _imported_run(db, f"bundle:{manifest['bundle_id']}", manifest["method"], config,
                            f"{source['run_name']} (bundle)", parent)
     sink = BundleSink(bundle, writes=False)
+    # The status first: the writer flushes metrics and checkpoints before it writes a final status,
+    # so a final status read here comes with all of them below.
+    status_path = sink.run_dir / "status.json"
+    status = json.loads(status_path.read_text()) if status_path.exists() else None
     _replace_metrics(db, run_id, read_jsonl(sink.metrics_path))
     eval_prompts = {row["id"]: row["prompt"]
                     for row in json.loads((bundle / "data.json").read_text(encoding="utf-8"))["eval_prompts"]}
@@ -397,9 +401,7 @@ def import_bundle(db, project_path: Path, bundle: Path) -> int:
                                         lambda partial: shutil.copytree(source_folder, partial))
         runs.SQLiteSink(db, run_id).checkpoint_saved(entry["step"], folder,
                                                      _sample_rows(db, entry["samples"], eval_prompts))
-    status_path = sink.run_dir / "status.json"
-    if status_path.exists():
-        status = json.loads(status_path.read_text())
+    if status is not None:
         store.set_run_status(db, run_id, status["status"], error=status["error"])
     return run_id
 
@@ -408,14 +410,15 @@ def import_trl_output(db, project_path: Path, folder: Path) -> int:
     """Bring a TRL output folder into `project` as a run: log_history metrics, PEFT checkpoints.
 
     Reads the newest trainer_state.json (the output folder's, else the last checkpoint's). The run's
-    settings are the studio job's when `export-job` wrote the folder (studio_job.json), else DPO defaults.
+    settings are the studio job's when `export-job` wrote the job (studio_job.json beside or above the
+    folder), else DPO defaults.
     """
     checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
     states = [p / "trainer_state.json" for p in [folder, *reversed(checkpoints)] if (p / "trainer_state.json").exists()]
     if not states:
         raise BundleError(f"{folder}: neither a run bundle (manifest.json) nor a TRL output folder (trainer_state.json)")
-    job_file = folder / "studio_job.json"
-    job = json.loads(job_file.read_text()) if job_file.exists() else {"config": runs.make_config("dpo").to_json()}
+    job_files = [p / "studio_job.json" for p in (folder, folder.parent) if (p / "studio_job.json").exists()]
+    job = json.loads(job_files[0].read_text()) if job_files else {"config": runs.make_config("dpo").to_json()}
     config = {**job["config"], "parent_checkpoint_id": None}
     run_id = _imported_run(db, f"trl:{folder.resolve()}", config["method"], config,
                            f"{job.get('run_name', folder.name)} (TRL)", None)
