@@ -1,4 +1,5 @@
-"""Data-parallel DPO on the CPU (gloo): two processes give, step by step, what one process gives."""
+"""Data-parallel DPO on the CPU (gloo): two processes (torchrun, accelerate launch) give, step by step,
+what one process gives, also after a kill -9."""
 
 import json
 import os
@@ -30,13 +31,17 @@ def bundle(project, tmp_path):
     return bundles.make_bundle(project.path, runs.create_run(project.db, config), tmp_path / "bundle")
 
 
-def launch(bundle: Path, processes: int) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node N -m studio run-bundle BUNDLE` in its own process group."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# --multi_gpu is accelerate's torchrun-style launcher; without it, a machine with no GPU gets one process.
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+              "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+
+
+def launch(bundle: Path, launcher: list[str]) -> subprocess.Popen:
+    """`LAUNCHER -m studio run-bundle BUNDLE` in its own process group."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={processes}", "-m", "studio", "run-bundle", str(bundle)],
-                            env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([*launcher, "-m", "studio", "run-bundle", str(bundle)], env=env, cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -45,13 +50,13 @@ def finish(process: subprocess.Popen) -> None:
 
 
 def step_metrics(bundle: Path) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMING}
+    return [{k: v for k, v in record.items() if k not in TIMING and not k.startswith("time/")}
             for record in bundles.read_jsonl(bundle / "run" / "metrics.jsonl")]
 
 
-def assert_same_steps(actual: list[dict], expected: list[dict]) -> None:
-    assert [r["step"] for r in actual] == list(range(1, MAX_STEPS + 1))
-    assert [r["step"] for r in expected] == list(range(1, MAX_STEPS + 1))
+def assert_same_steps(actual: list[dict], expected: list[dict], steps: int = MAX_STEPS) -> None:
+    assert [r["step"] for r in actual] == list(range(1, steps + 1))
+    assert [r["step"] for r in expected] == list(range(1, steps + 1))
     for got, want in zip(actual, expected):
         assert got.keys() == want.keys()
         for name in want:
@@ -64,11 +69,12 @@ def test_two_processes_equal_one_step_by_step_and_survive_kill_9(bundle, tmp_pat
     expected = step_metrics(single)
     assert expected[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: the policy starts as the reference
 
-    finish(launch(double, 2))
+    finish(launch(double, TORCHRUN))
     assert_same_steps(step_metrics(double), expected)
-    assert json.loads((double / "run" / "status.json").read_text())["status"] == "completed"
+    status = json.loads((double / "run" / "status.json").read_text())
+    assert (status["status"], status["processes"]) == ("completed", 2)
 
-    process = launch(killed, 2)
+    process = launch(killed, ACCELERATE)
     deadline = time.monotonic() + 300
     while not bundles.read_jsonl(killed / "run" / "checkpoints.jsonl") and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -76,6 +82,23 @@ def test_two_processes_equal_one_step_by_step_and_survive_kill_9(bundle, tmp_pat
     process.wait()
     saved = [entry["step"] for entry in bundles.read_jsonl(killed / "run" / "checkpoints.jsonl")]
     assert saved and saved[-1] < MAX_STEPS
-    finish(launch(killed, 2))  # resumes from the last checkpoint on both ranks
+    finish(launch(killed, ACCELERATE))  # resumes from the last checkpoint on both ranks
     assert_same_steps(step_metrics(killed), expected)
+    assert json.loads((killed / "run" / "status.json").read_text())["processes"] == 2
     assert [e["step"] for e in bundles.read_jsonl(killed / "run" / "checkpoints.jsonl")][-1] == MAX_STEPS
+
+
+def test_ppo_two_processes_equal_one_step_by_step(project, tmp_path):
+    store.add_dataset(project.db, "prompts", "prompts", [{"prompt": f"Say {i}."} for i in range(7)])
+    # 5 prompts per step over 2 ranks (3 + 2), 2 minibatches, 2 PPO epochs, rule rewards.
+    config = runs.make_config("ppo", {"max_steps": 3, "checkpoint_every": 3, "eval_max_new_tokens": 2,
+                                      "prompts_per_step": 5, "num_minibatches": 2, "ppo_epochs": 2,
+                                      "max_new_tokens": 6, "learning_rate": 1e-3, "temperature": 1.0})
+    bundle = bundles.make_bundle(project.path, runs.create_run(project.db, config), tmp_path / "bundle")
+    single, double = (shutil.copytree(bundle, tmp_path / name) for name in ("one", "two"))
+    assert bundles.run_bundle(single) == "completed"
+    finish(launch(double, TORCHRUN))
+    expected = step_metrics(single)
+    assert_same_steps(step_metrics(double), expected, steps=3)
+    assert json.loads((double / "run" / "status.json").read_text())["processes"] == 2
+    assert abs(expected[-1]["objective/kl"]) > 1e-6  # the policy moved: not a comparison of untrained copies

@@ -10,7 +10,7 @@ A bundle holds everything a run needs and nothing of the project database::
     rewards/<i>/         the reward models the run's reward sources load
     README.md            the commands that run it and bring it back
     run/                 written by `studio run-bundle` (rank 0 only):
-      status.json        status, step, error, updated (replaced atomically)
+      status.json        status, step, error, processes, updated (replaced atomically)
       metrics.jsonl      one line per step, TRL metric names (complete lines only are ever read)
       checkpoints.jsonl  one line per checkpoint: step, folder, eval samples
       checkpoint-<n>/    adapter/ + trainer_state.pt, the local runs' layout
@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import runs, store
+from . import distributed, runs, store
 from .errors import StudioError
 from .models import ModelSource, resolve_folder
 
@@ -274,7 +274,8 @@ class BundleSink:
         if self.writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "status.json", json.dumps(
-                {"status": status, "error": error, "step": self.step, "updated_at": time.time()}))
+                {"status": status, "error": error, "step": self.step, "processes": distributed.world_size(),
+                 "updated_at": time.time()}))
 
     def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None:
         if self.writes:
@@ -311,8 +312,6 @@ def run_bundle(bundle: Path | str, control: runs.RunControl | None = None,
     Under torchrun / accelerate launch, every process calls this: they join one process group and
     train data-parallel; rank 0 alone writes run/.
     """
-    from . import distributed
-
     bundle = Path(bundle).resolve()
     manifest = verify_bundle(bundle)
     distributed.init_from_environment()

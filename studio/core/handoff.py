@@ -389,10 +389,8 @@ def export_job(project_path: Path | str, run_id: int, engine: str, out: Path | s
 
 def write_job_files(out: Path, job: Job, config, data: runs.TrainingData) -> None:
     if job.engine == "trl":
-        import yaml
-
         write_jsonl(out / "data" / "train.jsonl", preference_rows(data))
-        (out / "dpo.yaml").write_text(yaml.safe_dump(job.flags, sort_keys=False))
+        (out / "dpo.yaml").write_text(json.dumps(job.flags, indent=2) + "\n")  # JSON is YAML: no PyYAML needed
     elif config.method == "dpo":  # OpenRLHF DPO
         write_jsonl(out / "data" / "train.jsonl", preference_rows(data))
     elif job.engine == "openrlhf":
