@@ -412,7 +412,8 @@ def import_trl_output(db, project_path: Path, folder: Path) -> int:
     settings are the studio job's when `export-job` wrote the job (studio_job.json beside or above the
     folder), else DPO defaults.
     """
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                         key=lambda p: int(p.name.split("-", 1)[1]))
     states = [p / "trainer_state.json" for p in [folder, *reversed(checkpoints)] if (p / "trainer_state.json").exists()]
     if not states:
         raise BundleError(f"{folder}: neither a run bundle (manifest.json) nor a TRL output folder (trainer_state.json)")
@@ -425,7 +426,7 @@ def import_trl_output(db, project_path: Path, folder: Path) -> int:
     _replace_metrics(db, run_id, [entry for entry in history if "step" in entry and "train_runtime" not in entry])
     known = {c["step"] for c in store.checkpoints(db, run_id)}
     for checkpoint in checkpoints:
-        step = int(checkpoint.name.rsplit("-", 1)[1])
+        step = int(checkpoint.name.split("-", 1)[1])
         if step in known or not (checkpoint / "adapter_model.safetensors").exists():
             continue
 

@@ -1,13 +1,14 @@
 """Data-parallel training with torch.distributed, as ``torchrun`` and ``accelerate launch`` start it.
 
 Every rank runs the same engine on the same data with the same seed, so every rank holds the same
-weights. Each step, a rank computes the loss of its share of the step's samples, divided by the
-number of samples in the whole step (all ranks together); summing the ranks' gradients then gives
-exactly the one-process gradient, whatever the number of processes. That sum is DDP's gradient
-all-reduce (DDP divides by the world size; our losses are already divided by the global count, so
-we sum). The engines call it here directly rather than through ``DistributedDataParallel``'s
-forward hooks, because DPO's forward runs the transformer body and the LM head separately.
-Metrics are summed over ranks the same way. Rank 0 alone writes checkpoints and metrics.
+weights. Each step, a rank computes the loss of its share of the step's samples, scaled to its part
+of the whole step (DPO: divided by the step's pair count; PPO: weighted by its share of each
+minibatch's tokens); summing the ranks' gradients then gives exactly the one-process gradient,
+whatever the number of processes. That sum is DDP's gradient all-reduce (DDP divides by the world
+size; our losses are already scaled, so we sum). The engines call it here directly rather than
+through ``DistributedDataParallel``'s forward hooks, because DPO's forward runs the transformer body
+and the LM head separately. Metrics are summed over ranks the same way. Rank 0 alone writes
+checkpoints and metrics.
 
 In one process (no ``torch.distributed`` group) every function here is a no-op.
 """
