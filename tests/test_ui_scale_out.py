@@ -34,3 +34,18 @@ def test_following_a_bundle_updates_the_run_until_it_ends(make_window, qtbot, tm
     qtbot.waitUntil(lambda: bundle not in actions.followed, timeout=TIMEOUT)  # stops at the run's end
     assert store.run_metrics(window.project.db, new_run)["loss"] == ([1, 2, 3], [0.7, 0.6, 0.5])
     assert store.get_run(window.project.db, new_run)["status"] == "completed"
+
+
+def test_bundle_selected_run_writes_the_bundle_in_the_background(make_window, qtbot, tmp_path, tiny_model_dir):
+    project = store.Project.create(tmp_path / "project", base_model={"kind": "folder", "path": str(tiny_model_dir)})
+    store.add_dataset(project.db, "pairs", "preference", [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}])
+    run_id = runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 3}))
+    project.close()
+    window = make_window()
+    assert window.open_project(tmp_path / "project")
+    window.runs_panel.select_runs([run_id])
+    assert window.scale_out.bundle_action.isEnabled()
+    written = []
+    window.scale_out.bundle_selected(tmp_path / "bundle", then=written.append)
+    qtbot.waitUntil(lambda: written == [tmp_path / "bundle"], timeout=TIMEOUT)
+    assert bundles.verify_bundle(tmp_path / "bundle")["source"]["run_id"] == run_id

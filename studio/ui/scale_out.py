@@ -34,6 +34,10 @@ def import_once(project_path: Path, source: Path) -> tuple[int, str]:
         db.close()
 
 
+def bundle_name(run_id: int) -> str:
+    return f"bundle-run-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def cuda_device_count() -> int:
     try:
         import torch
@@ -82,25 +86,28 @@ class ScaleOutActions(QObject):
 
     # -- bundle --
 
-    def bundle_selected(self, out: Path | None = None) -> Path | None:
+    def bundle_selected(self, out: Path | None = None, then=None) -> None:
+        """Write the selected run as a bundle in the thread pool (it copies the model); `then(out)` after."""
         project, run_ids = self.window.project, self.window.runs_panel.selected_run_ids()
         if project is None or len(run_ids) != 1:
-            return None
+            return
         if out is None:
             chosen = QFileDialog.getExistingDirectory(self.window, "Folder to write the bundle in",
                                                       str(project.exports_dir))
             if not chosen:
-                return None
-            out = Path(chosen) / f"bundle-run-{run_ids[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+                return
+            out = Path(chosen) / bundle_name(run_ids[0])
         from studio.core import bundles
 
-        try:
-            bundles.make_bundle(project.path, run_ids[0], out)
-        except Exception as exc:
-            show_message(self.window, "Bundle failed", describe_error(exc))
-            return None
+        self.window.statusBar().showMessage(f"Writing the bundle {out}…")
+        run_in_background(bundles.make_bundle, project.path, run_ids[0], out,
+                          on_result=lambda path: self._bundled(path, then),
+                          on_error=lambda exc: show_message(self.window, "Bundle failed", describe_error(exc)))
+
+    def _bundled(self, out: Path, then) -> None:
         self.window.statusBar().showMessage(f"Bundle written to {out}: studio run-bundle {out}", 10000)
-        return out
+        if then is not None:
+            then(out)
 
     # -- import and follow --
 
@@ -149,20 +156,19 @@ class ScaleOutActions(QObject):
 
     # -- N GPUs --
 
-    def launch_on_gpus(self) -> subprocess.Popen | None:
+    def launch_on_gpus(self) -> None:
         """Bundle the selected run into the project's exports, train it with torchrun on N GPUs, follow it."""
-        devices, ok = QInputDialog.getInt(self.window, "Launch on GPUs", "Processes (one per GPU):",
-                                          getattr(self, "gpu_count", 2), 1, max(getattr(self, "gpu_count", 2), 1))
-        if not ok:
-            return None
-        bundle = self.bundle_selected(self.window.project.exports_dir /
-                                      f"bundle-run-{self.window.runs_panel.selected_run_ids()[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if bundle is None:
-            return None
-        log = open(bundle / "launch.log", "w")
-        process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    f"--nproc_per_node={devices}", "-m", "studio", "run-bundle", str(bundle)],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        most = max(getattr(self, "gpu_count", 2), 1)
+        devices, ok = QInputDialog.getInt(self.window, "Launch on GPUs", "Processes (one per GPU):", most, 1, most)
+        if ok and self.window.project is not None:
+            out = self.window.project.exports_dir / bundle_name(self.window.runs_panel.selected_run_ids()[0])
+            self.bundle_selected(out, then=lambda bundle: self.launch_bundle(bundle, devices))
+
+    def launch_bundle(self, bundle: Path, devices: int) -> subprocess.Popen:
+        """`torchrun --nproc_per_node DEVICES -m studio run-bundle BUNDLE` (log in the bundle), followed."""
+        with open(bundle / "launch.log", "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        f"--nproc_per_node={devices}", "-m", "studio", "run-bundle", str(bundle)],
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.start_import(bundle, follow=True)
         return process
