@@ -113,3 +113,4 @@ def test_openrlhf_refuses_a_dpo_loss_it_does_not_have(project, tmp_path):
     add_data(project)
     with pytest.raises(handoff.HandoffError, match="no 'hinge' DPO loss"):
         export(project, tmp_path, "openrlhf", "dpo", loss_type="hinge")
+    assert not (tmp_path / "openrlhf-dpo").exists() and not (tmp_path / "openrlhf-dpo.partial").exists()

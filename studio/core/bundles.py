@@ -22,6 +22,7 @@ folder (trainer_state.json's log_history and PEFT checkpoint-<n>/ folders).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,6 +58,25 @@ def write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def new_folder(out: Path, what: str):
+    """Yield a folder built beside `out` (which must not hold anything yet), renamed to `out` when the
+    block ends, removed if it fails: an interrupted `what` never looks like a finished one."""
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out} already exists and is not empty; choose a new folder for the {what}")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if out.exists():
+            out.rmdir()  # empty: checked above
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
         raise
 
 
@@ -116,7 +136,7 @@ def versions() -> dict[str, str]:
 
 # --- making a bundle ------------------------------------------------------------------------------
 
-def _bundle_reward_sources(sources: list[dict], reward_root: Path, out: Path) -> list[dict]:
+def copy_reward_models(sources: list[dict], reward_root: Path, out: Path) -> list[dict]:
     """The sources, their reward models copied into the bundle where they resolve from it.
 
     A trained reward model keeps its place (reward_models/<name>/ under the root); a reward-model
@@ -142,29 +162,18 @@ def _bundle_reward_sources(sources: list[dict], reward_root: Path, out: Path) ->
 
 
 def make_bundle(project_path: Path | str, run_id: int, out: Path | str, include_model: bool = True) -> Path:
-    """Write run `run_id` of a project as a bundle folder `out` (which must not exist yet).
-
-    The folder is built beside `out` and renamed into place at the end: an interrupted bundle
-    never looks like a finished one.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise BundleError(f"{out} already exists and is not empty; choose a new folder for the bundle")
-    project_path = Path(project_path)
+    """Write run `run_id` of a project as a bundle folder `out` (which must not hold anything yet)."""
+    out, project_path = Path(out), Path(project_path)
     with store.Project.open(project_path, read_only=True) as project:
         run = store.get_run(project.db, run_id)
         config = runs.engine_module(run["method"]).Config.from_json(run["config"])
         data = runs.gather_training_data(project.db, config)
         start = runs.model_start(project.db, config.parent_checkpoint_id)
         project_name = store.get_setting(project.db, "name")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with new_folder(out, "bundle") as partial:
         config_json = config.to_json()
         if "reward_sources" in config_json:
-            config_json["reward_sources"] = _bundle_reward_sources(config_json["reward_sources"],
-                                                                   data.reward_root, partial)
+            config_json["reward_sources"] = copy_reward_models(config_json["reward_sources"], data.reward_root, partial)
         config_json["parent_checkpoint_id"] = None  # the start state travels as adapters, not as an id
         if include_model:
             shutil.copytree(resolve_folder(start.base), partial / "model")
@@ -186,12 +195,6 @@ def make_bundle(project_path: Path | str, run_id: int, out: Path | str, include_
         }
         write_atomic(partial / "manifest.json", json.dumps(manifest, indent=2))
         (partial / "README.md").write_text(bundle_readme(out, manifest), encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty: checked above
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 

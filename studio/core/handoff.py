@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import runs, store
+from .bundles import copy_reward_models, new_folder
 from .errors import StudioError
 from .models import resolve_folder
 
@@ -71,9 +72,7 @@ def as_messages(prompt) -> list[dict]:
 
 def write_reward_function(out: Path, config, data: runs.TrainingData) -> Path:
     """reward_fn.py: the run's reward sources, scored by the studio's RewardFunction."""
-    from .bundles import _bundle_reward_sources
-
-    sources = _bundle_reward_sources(config.reward_sources, data.reward_root, out)
+    sources = copy_reward_models(config.reward_sources, data.reward_root, out)
     (out / "reward_sources.json").write_text(json.dumps(sources, indent=2))
     path = out / "reward_fn.py"
     path.write_text(REWARD_FILE)
@@ -88,8 +87,6 @@ Needs the studio package on the workers: pip install alignment-studio.
 import json
 import os
 from pathlib import Path
-
-import torch
 
 from studio.core.models import load_tokenizer
 from studio.core.rewards import RewardFunction
@@ -358,8 +355,6 @@ def export_job(project_path: Path | str, run_id: int, engine: str, out: Path | s
     if engine not in ENGINES:
         raise HandoffError(f"Unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise HandoffError(f"{out} already exists and is not empty; choose a new folder for the job")
     with store.Project.open(project_path, read_only=True) as project:
         run = store.get_run(project.db, run_id)
         config = runs.engine_module(run["method"]).Config.from_json(run["config"])
@@ -369,22 +364,21 @@ def export_job(project_path: Path | str, run_id: int, engine: str, out: Path | s
         if key not in MAPPERS:
             raise HandoffError(f"{config.method.upper()} runs cannot be exported to {engine} yet")
         data = runs.gather_training_data(project.db, config)
-        out.mkdir(parents=True, exist_ok=True)
-        if config.parent_checkpoint_id is not None:  # the engines start from a plain model folder
-            runs.export_merged(project.db, config.parent_checkpoint_id, out / "model")
-        else:
-            shutil.copytree(resolve_folder(runs.model_start(project.db, None).base), out / "model")
-    job = MAPPERS[key](config, data, "model")
-    job.mapping.append(("method", " ".join(job.command)))
-    job.mapping.append(("parent_checkpoint_id", "model/ (the base model, with the parent's adapters merged if any)"))
-    write_job_files(out, job, config, data)
-    (out / "studio_job.json").write_text(json.dumps(
-        {"engine": engine, "pinned": PINNED[engine], "run_name": run["name"], "source_run_id": run_id,
-         "config": config.to_json(), "flags": job.flags, "unmapped": dict(job.unmapped)}, indent=2, default=str))
-    script = out / "launch.sh"
-    script.write_text(launch_script(job, run["name"], config.method))
-    script.chmod(0o755)
-    return script
+        job = MAPPERS[key](config, data, "model")  # refuses what the engine cannot do, before any copy
+        job.mapping.append(("method", " ".join(job.command)))
+        job.mapping.append(("parent_checkpoint_id", "model/ (the base model, with the parent's adapters merged if any)"))
+        with new_folder(out, "job") as partial:
+            if config.parent_checkpoint_id is not None:  # the engines start from a plain model folder
+                runs.export_merged(project.db, config.parent_checkpoint_id, partial / "model")
+            else:
+                shutil.copytree(resolve_folder(runs.model_start(project.db, None).base), partial / "model")
+            write_job_files(partial, job, config, data)
+            (partial / "studio_job.json").write_text(json.dumps(
+                {"engine": engine, "pinned": PINNED[engine], "run_name": run["name"], "source_run_id": run_id,
+                 "config": config.to_json(), "flags": job.flags, "unmapped": dict(job.unmapped)}, indent=2))
+            (partial / "launch.sh").write_text(launch_script(job, run["name"], config.method))
+            (partial / "launch.sh").chmod(0o755)
+    return out / "launch.sh"
 
 
 def write_job_files(out: Path, job: Job, config, data: runs.TrainingData) -> None:
