@@ -101,9 +101,15 @@ else
   echo "== DDP skipped: $GPUS GPU"
 fi
 
-echo "== out of memory: an oversized DPO batch"
-CUDA_VISIBLE_DEVICES=0 timeout 600 $PYTHON -m studio train "$WORK/project" --method dpo --set batch_size=4096 \
-    --set max_steps=4 --set checkpoint_every=1 --name oom > "$WORK/oom.log" 2>&1
+echo "== out of memory: the whole demo set in one DPO batch, on a GPU capped at OOM_FRACTION of its memory"
+# The demo set is small, so a large batch alone fits an H100-class GPU: the cap makes it not fit
+# (the model loads, the first batch's activations do not).
+CUDA_VISIBLE_DEVICES=0 timeout 600 $PYTHON -c "
+import sys, torch
+torch.cuda.set_per_process_memory_fraction(float(sys.argv[1]))
+from studio.cli import main
+raise SystemExit(main(['train', sys.argv[2], '--method', 'dpo', '--set', 'batch_size=64', '--set', 'max_steps=4',
+                       '--set', 'checkpoint_every=1', '--name', 'oom']))" "${OOM_FRACTION:-0.006}" "$WORK/project" > "$WORK/oom.log" 2>&1
 echo "exit $? (expected non-zero, with the studio's message, no traceback):"; tail -n 4 "$WORK/oom.log"
 $PYTHON -m studio runs "$WORK/project" | tail -n 3
 echo "(the oom run must be 'failed' with a readable error, and \`studio train --resume ID\` must start it again)"
