@@ -119,3 +119,19 @@ def test_a_trl_output_folder_imports_its_log_history_and_adapters(project, tmp_p
     [checkpoint] = store.checkpoints(db, run_id)
     assert checkpoint["step"] == 2
     model, _ = runs.load_model_state(db, checkpoint["id"])  # the adapter loads like a local one
+
+
+def test_bundle_sink_writes_metrics_in_batches_while_the_run_goes_on(tmp_path):
+    sink = bundles.BundleSink(tmp_path, batch_size=2, max_delay_s=3600)
+    sink.set_status("running")
+    for step in (1, 2, 3):
+        sink.add({"step": step, "time": 0.0, "loss": 1.0 / step})
+    assert [r["step"] for r in bundles.read_jsonl(sink.metrics_path)] == [1, 2]  # a follower sees them now
+    sink.flush()
+    assert [r["step"] for r in bundles.read_jsonl(sink.metrics_path)] == [1, 2, 3]
+    follower = bundles.BundleSink(tmp_path / "rank1", writes=False, batch_size=2)  # a rank other than 0
+    for step in (1, 2, 3):
+        follower.add({"step": step, "time": 0.0, "loss": 1.0})
+    follower.flush()
+    follower.set_status("completed")
+    assert not (tmp_path / "rank1").exists()

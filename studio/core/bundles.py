@@ -244,16 +244,16 @@ def verify_bundle(bundle: Path) -> dict:
     return manifest
 
 
-class BundleSink:
+class BundleSink(runs.BufferedSink):
     """A run's records as files inside its bundle (see the module docstring for the layout).
 
     With `writes=False` (ranks other than 0) it only reads: where to resume from.
     """
 
-    def __init__(self, bundle: Path, writes: bool = True) -> None:
+    def __init__(self, bundle: Path, writes: bool = True, batch_size: int = 10, max_delay_s: float = 2.0) -> None:
+        super().__init__(batch_size, max_delay_s)
         self.run_dir = Path(bundle) / "run"
         self.writes = writes
-        self.pending: list[dict] = []
         self.step = 0
 
     @property
@@ -265,13 +265,12 @@ class BundleSink:
         return self.run_dir / "checkpoints.jsonl"
 
     def add(self, record: dict) -> None:
-        self.pending.append(record)
         self.step = record["step"]
+        super().add(record)
 
-    def flush(self) -> None:
-        if self.writes and self.pending:
-            append_jsonl(self.metrics_path, self.pending)
-        self.pending = []
+    def write(self, records: list[dict]) -> None:
+        if self.writes:
+            append_jsonl(self.metrics_path, records)
 
     def set_status(self, status: str, error: str | None = None) -> None:
         if self.writes:

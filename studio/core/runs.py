@@ -211,11 +211,11 @@ class RunSink(Protocol):
     def discard_after(self, step: int) -> None: ...  # metrics of steps a resumed run will redo
 
 
-class SQLiteSink:
-    """A project's run: metrics written in batches (one transaction each), checkpoints registered."""
+class BufferedSink:
+    """Step records written in batches: every `batch_size` records, or when `max_delay_s` has passed,
+    so a slow run's charts still move. Subclasses say where with ``write(records)``."""
 
-    def __init__(self, db, run_id: int, batch_size: int = 10, max_delay_s: float = 2.0) -> None:
-        self.db, self.run_id = db, run_id
+    def __init__(self, batch_size: int = 10, max_delay_s: float = 2.0) -> None:
         self.batch_size, self.max_delay_s = batch_size, max_delay_s
         self.pending: list[dict] = []
         self.last_flush = time.monotonic()
@@ -227,9 +227,23 @@ class SQLiteSink:
 
     def flush(self) -> None:
         if self.pending:
-            store.write_metrics(self.db, self.run_id, self.pending)
+            self.write(self.pending)
             self.pending = []
         self.last_flush = time.monotonic()
+
+    def write(self, records: list[dict]) -> None:
+        raise NotImplementedError
+
+
+class SQLiteSink(BufferedSink):
+    """A project's run: metrics written in batches (one transaction each), checkpoints registered."""
+
+    def __init__(self, db, run_id: int, batch_size: int = 10, max_delay_s: float = 2.0) -> None:
+        super().__init__(batch_size, max_delay_s)
+        self.db, self.run_id = db, run_id
+
+    def write(self, records: list[dict]) -> None:
+        store.write_metrics(self.db, self.run_id, records)
 
     def set_status(self, status: str, error: str | None = None) -> None:
         store.set_run_status(self.db, self.run_id, status, error=error)
