@@ -118,7 +118,8 @@ def run_ours(job: dict) -> dict:
         policy = add_lora(model, LORA_R, LORA_ALPHA, 0.0, "all-linear")
         checksum = lora_a_checksum(policy)
         setup_started = time.perf_counter()
-        engine = dpo.Engine(config, policy, tokenizer, project.db, "cpu", Path(tmp))  # tokenize + reference pass
+        data = runs.gather_training_data(project.db, config)
+        engine = dpo.Engine(config, policy, tokenizer, data, "cpu", Path(tmp))  # tokenize + reference pass
         setup_seconds = time.perf_counter() - setup_started
         clock, metrics = StepClock(), []
         for step in range(job["steps"]):

@@ -64,7 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     backup = commands.add_parser("backup", help="copy the project's database safely, even while it is open")
     backup.add_argument("dir", type=Path)
     backup.add_argument("--to", type=Path, help="the backup file (default: a rotating one in DIR/backups/)")
+    add_scale_out_commands(commands)
     return parser
+
+
+def add_scale_out_commands(commands) -> None:
+    """Run bundles, data-parallel runs and hand-off to other engines (docs/scale-out.md)."""
+    bundle = commands.add_parser("bundle", help="write a run as a self-contained folder for another machine")
+    bundle.add_argument("dir", type=Path)
+    bundle.add_argument("run_id", type=int)
+    bundle.add_argument("out", type=Path)
+    bundle.add_argument("--no-model", action="store_true",
+                        help="leave the base model out: the other machine must have it where this project has it")
+
+    run_bundle = commands.add_parser("run-bundle", help="train a bundle's run (also under torchrun / accelerate launch)")
+    run_bundle.add_argument("bundle", type=Path)
+
+    import_run = commands.add_parser("import-run", help="bring a bundle or a TRL output folder back as a run")
+    import_run.add_argument("dir", type=Path)
+    import_run.add_argument("source", type=Path)
+    import_run.add_argument("--follow", action="store_true", help="keep importing until the run ends")
+    import_run.add_argument("--interval", type=float, default=2.0, help="seconds between imports with --follow")
+
+    export_job = commands.add_parser("export-job", help="a run as a job for TRL, OpenRLHF or verl")
+    export_job.add_argument("dir", type=Path)
+    export_job.add_argument("run_id", type=int)
+    export_job.add_argument("--engine", required=True, choices=["trl", "openrlhf", "verl"])
+    export_job.add_argument("out", type=Path)
 
 
 def parse_value(text: str):
@@ -133,7 +159,7 @@ def cmd_runs(args) -> int:
     with store.Project.open(args.dir, read_only=True) as project:
         runs = store.list_runs(project.db)
         for run in runs:
-            run["checkpoints"] = [{"id": c["id"], "step": c["step"], "path": c["path"]}
+            run["checkpoints"] = [{"id": c["id"], "step": c["step"], "path": str(store.checkpoint_folder(project.db, c))}
                                   for c in store.checkpoints(project.db, run["id"])]
     if args.json:
         print(json.dumps(runs, indent=2))
@@ -218,8 +244,52 @@ def cmd_backup(args) -> int:
     return 0
 
 
+def cmd_bundle(args) -> int:
+    from studio.core import bundles
+
+    out = bundles.make_bundle(args.dir, args.run_id, args.out, include_model=not args.no_model)
+    print(f"Bundle written to {out}; run it with: studio run-bundle {out}")
+    return 0
+
+
+def cmd_run_bundle(args) -> int:
+    from studio.core import bundles, runs
+
+    control = runs.RunControl()
+    signal.signal(signal.SIGINT, lambda *_: (print("\nstopping at the next step boundary..."), control.stop()))
+    is_main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 prints: the others train in step with it
+    status = bundles.run_bundle(args.bundle, control, on_metrics=print_record if is_main else None,
+                                on_log=(lambda message: print(f"[bundle] {message}", flush=True)) if is_main else None)
+    return 0 if status in ("completed", "stopped") else 1
+
+
+def cmd_import_run(args) -> int:
+    from studio.core import bundles, store
+
+    def report(run_id: int, status: str) -> None:
+        print(f"Run {run_id}: {status}", flush=True)
+
+    with store.Project.open(args.dir) as project:
+        if args.follow:
+            bundles.follow(project.db, project.path, args.source, args.interval, on_import=report)
+        else:
+            run_id = bundles.import_run(project.db, project.path, args.source)
+            print(f"Imported {args.source} as run {run_id}")
+    return 0
+
+
+def cmd_export_job(args) -> int:
+    from studio.core import handoff
+
+    script = handoff.export_job(args.dir, args.run_id, args.engine, args.out)
+    print(f"{args.engine} job written to {args.out}; launch it with: bash {script}")
+    return 0
+
+
 COMMANDS = {"gui": cmd_gui, "init": cmd_init, "demo": cmd_demo, "import": cmd_import, "runs": cmd_runs,
-            "train": cmd_train, "export": cmd_export, "check": cmd_check, "backup": cmd_backup}
+            "train": cmd_train, "export": cmd_export, "check": cmd_check, "backup": cmd_backup,
+            "bundle": cmd_bundle, "run-bundle": cmd_run_bundle, "import-run": cmd_import_run,
+            "export-job": cmd_export_job}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,7 +254,7 @@ runs.execute({str(project.path)!r}, {run_id})
             assert process.poll() is None, process.stderr.read().decode()
             assert time.monotonic() < deadline, "the child wrote no checkpoint within 120 s"
             time.sleep(0.05)
-        with pytest.raises(store.ProjectLockedError, match=f"Run {run_id} is being trained by another process .pid {process.pid}."):
+        with pytest.raises(store.ProjectLockedError, match=f"The run in .*runs/{run_id} is being trained by another process .pid {process.pid}."):
             runs.execute(project.path, run_id)
         project = reopen(project)  # the window reopening: the child's run is not "interrupted"
         assert store.get_run(project.db, run_id)["status"] == "running"

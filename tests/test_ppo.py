@@ -24,7 +24,8 @@ def make_engine(project, **overrides) -> ppo.Engine:
     model, tokenizer = runs.load_model_state(project.db, None)
     torch.manual_seed(config.seed)
     policy = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    return ppo.Engine(config, policy, tokenizer, project.db, "cpu", project.path / "runs" / "0")
+    data = runs.gather_training_data(project.db, config)
+    return ppo.Engine(config, policy, tokenizer, data, "cpu", project.path / "runs" / "0")
 
 
 # --- the maths --------------------------------------------------------------------------------

@@ -23,8 +23,12 @@ def validate(config, db):
     return []
 
 
+def select_data(config, db):
+    return {}
+
+
 class Engine:
-    def __init__(self, config, policy, tokenizer, db, device, run_dir):
+    def __init__(self, config, policy, tokenizer, data, device, run_dir):
         self.model = policy
         self.config = config
         self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import store
+from . import distributed, store
 from .generation import is_conversational
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
@@ -105,6 +105,11 @@ def training_pairs(config: Config, db) -> list[dict]:
     if config.include_labels:
         rows += store.labelled_pairs(db)
     return rows
+
+
+def select_data(config: Config, db) -> dict:
+    """The run's TrainingData fields (see ``runs.gather_training_data``)."""
+    return {"pairs": training_pairs(config, db)}
 
 
 def validate(config: Config, db) -> list[str]:
@@ -371,17 +376,22 @@ class RunData:
         return cls(pairs, tensors["ref_chosen"], tensors["ref_rejected"], skipped)
 
 
-def prepare_run_data(config: Config, model, tokenizer, db, device: str, run_dir: Path, head_only: bool) -> RunData:
-    """Load the run's data from `run_dir`, or tokenize the pairs and run the reference pass once and store it."""
+def prepare_run_data(config: Config, model, tokenizer, rows: list[dict], device: str, run_dir: Path,
+                     head_only: bool) -> RunData:
+    """Load the run's data from `run_dir`, or tokenize the pairs and run the reference pass once and store it.
+
+    In a data-parallel run every rank computes it (no shared filesystem needed); rank 0 stores it.
+    """
     path = Path(run_dir) / DATA_FILE
     if path.exists():
         logger.info("Using the run's stored pairs and reference log-probs (%s)", path)
         return RunData.load(path)
-    pairs, skipped = tokenize_pairs(config, tokenizer, training_pairs(config, db))
+    pairs, skipped = tokenize_pairs(config, tokenizer, rows)
     ref_chosen, ref_rejected = reference_logps(model, pairs, tokenizer.pad_token_id, config.ref_batch_size,
                                                device, head_only)
     data = RunData(pairs, ref_chosen, ref_rejected, skipped)
-    data.save(path)
+    if distributed.is_main():
+        data.save(path)
     return data
 
 
@@ -395,7 +405,7 @@ def disable_dropout_except_lora(model) -> None:
 
 
 class Engine:
-    def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
         self.config, self.model, self.device = config, policy, device
         self.pad_id = tokenizer.pad_token_id
         disable_dropout_except_lora(policy)
@@ -403,7 +413,7 @@ class Engine:
         self.head_only = head_only_matches_forward(policy)
         if not self.head_only:
             logger.warning("This model transforms its logits after the LM head: computing full logits (slower)")
-        data = prepare_run_data(config, policy, tokenizer, db, device, run_dir, self.head_only)
+        data = prepare_run_data(config, policy, tokenizer, data.pairs, device, run_dir, self.head_only)
         self.pairs, self.skipped = data.pairs, data.skipped
         self.ref_chosen, self.ref_rejected = data.ref_chosen, data.ref_rejected
         self.lengths = [pair.length for pair in self.pairs]
@@ -424,15 +434,20 @@ class Engine:
         start = position * self.config.batch_size
         return self.order[start:start + self.config.batch_size]
 
+    METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+
     def train_step(self, step: int) -> dict:
+        """One optimizer step over the step's pairs; in a data-parallel run, this rank's share of each
+        batch, its loss divided by the whole step's pair count so the ranks' gradients add up."""
         started = time.perf_counter()
         accumulation = self.config.gradient_accumulation_steps
         step_batches = [self.batch_indices(step * accumulation + i) for i in range(accumulation)]
         pairs_in_step = sum(len(indices) for indices in step_batches)
-        sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                              "rewards/margins", "logps/chosen", "logps/rejected"), 0.0)
-        tokens = 0
-        for indices in step_batches:
+        sums = torch.zeros(len(self.METRICS) + 1, dtype=torch.float64)  # the metrics' sums, then tokens
+        for indices in map(distributed.shard, step_batches):
+            if not indices:
+                continue
             batch = collate_pairs([self.pairs[i] for i in indices], self.pad_id).to(self.device)
             with autocast(self.device):
                 logps = sequence_logps(self.model, batch, self.head_only).float()
@@ -445,13 +460,12 @@ class Engine:
 
             chosen_rewards = self.config.beta * chosen_logratios.detach()
             rejected_rewards = self.config.beta * rejected_logratios.detach()
-            for name, values in (("loss", losses.detach()), ("rewards/chosen", chosen_rewards),
-                                 ("rewards/rejected", rejected_rewards),
-                                 ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
-                                 ("rewards/margins", chosen_rewards - rejected_rewards),
-                                 ("logps/chosen", chosen_logps.detach()), ("logps/rejected", rejected_logps.detach())):
-                sums[name] += values.sum().item()
-            tokens += int(batch.attention_mask.sum())
+            per_pair = (losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+                        chosen_rewards - rejected_rewards, chosen_logps.detach(), rejected_logps.detach())
+            sums += torch.tensor([values.sum().item() for values in per_pair] + [batch.attention_mask.sum().item()],
+                                 dtype=torch.float64)
+        distributed.sum_gradients(self.trainable)
+        distributed.all_reduce_sum(sums)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or math.inf)
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -460,10 +474,10 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_seen += pairs_in_step
         return {
-            **{name: total / pairs_in_step for name, total in sums.items()},
+            **{name: total / pairs_in_step for name, total in zip(self.METRICS, sums.tolist())},
             "grad_norm": grad_norm.item(),
             "learning_rate": learning_rate,
-            "tokens_per_second": tokens / (time.perf_counter() - started),
+            "tokens_per_second": sums[-1].item() / (time.perf_counter() - started),
             "epoch": self.samples_seen / len(self.pairs),
             "samples_seen": self.samples_seen,
             "data/skipped_too_long": self.skipped,

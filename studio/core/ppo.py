@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import rewards, store
+from . import distributed, rewards, store
 from .generation import encode_prompt, left_pad, sample, stop_token_ids
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
@@ -191,6 +191,12 @@ def training_prompts(db, dataset_ids: list[int] | None) -> list[dict]:
     return rows if dataset_ids is None else [r for r in rows if r["dataset_id"] in dataset_ids]
 
 
+def select_data(config: Config, db) -> dict:
+    """The run's TrainingData fields (see ``runs.gather_training_data``)."""
+    return {"prompts": [{"id": row["id"], "prompt": row["prompt"]}
+                        for row in training_prompts(db, config.prompt_dataset_ids)]}
+
+
 def validate(config: Config, db) -> list[str]:
     problems = []
     at_least_one = ("prompts_per_step", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps", "kl_horizon")
@@ -275,9 +281,9 @@ class ForwardOutput(NamedTuple):
 # --- the engine -------------------------------------------------------------------------------
 
 class Engine:
-    def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
-        rows = training_prompts(db, config.prompt_dataset_ids)
+        rows = data.prompts
         self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
         self.prompts_by_id = {row["id"]: row["prompt"] for row in rows}
         self.stop_ids = stop_token_ids(tokenizer, policy)
@@ -293,8 +299,7 @@ class Engine:
         self.kl_controller = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None,
                                           config.kl_horizon)
         self.normalizer = rewards.RewardNormalizer(config.reward_normalization, config.reward_clip)
-        project_path = Path(run_dir).parent.parent  # runs live in <project>/runs/<id>
-        self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, project_path, device)
+        self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, data.reward_root, device)
 
     # -- the one forward pass: rollout statistics and training both use it --
 
@@ -350,8 +355,12 @@ class Engine:
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Log-probs of the responses under the reference: the same model with its adapter disabled."""
         chunks = torch.arange(len(rollout)).tensor_split(self.config.num_minibatches)
+        logprobs = torch.zeros(rollout.responses.shape, device=self.device)
         with self.model.disable_adapter():
-            return torch.cat([self.forward(rollout, rows).logprobs for rows in chunks])
+            for rows in map(distributed.shard, chunks):  # this rank's rows; the others' arrive below
+                if len(rows):
+                    logprobs[rows] = self.forward(rollout, rows).logprobs
+        return distributed.all_reduce_sum(logprobs)
 
     # -- the update --
 
@@ -360,16 +369,23 @@ class Engine:
         config = self.config
         mask = rollout.mask
         epochs = [torch.randperm(len(rollout)).tensor_split(config.num_minibatches) for _ in range(config.ppo_epochs)]
+        # Data-parallel: every rank holds the whole rollout (same seed, same samples) and runs the
+        # forward passes of its share of each minibatch; the rest is computed whole on every rank.
+        mine = [[distributed.shard(rows) for rows in minibatches] for minibatches in epochs]
 
         # The first minibatch's forward pass serves twice: the policy has not moved yet, so it gives
         # those rows' rollout log-probs and values, and then their first training loss (a pass saved).
-        first = self.forward(rollout, epochs[0][0])
+        first = self.forward(rollout, mine[0][0]) if len(mine[0][0]) else None
         old_logprobs, old_values = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
-        old_logprobs[epochs[0][0]], old_values[epochs[0][0]] = first.logprobs.detach(), first.values.detach()
+        if first is not None:
+            old_logprobs[mine[0][0]], old_values[mine[0][0]] = first.logprobs.detach(), first.values.detach()
         with torch.no_grad():
-            for rows in epochs[0][1:]:
-                output = self.forward(rollout, rows)
-                old_logprobs[rows], old_values[rows] = output.logprobs, output.values
+            for rows in mine[0][1:]:
+                if len(rows):
+                    output = self.forward(rollout, rows)
+                    old_logprobs[rows], old_values[rows] = output.logprobs, output.values
+        distributed.all_reduce_sum(old_logprobs)
+        distributed.all_reduce_sum(old_values)
 
         kl = torch.where(mask, kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator), 0)
         kl_coef = self.kl_controller.coef
@@ -378,29 +394,38 @@ class Engine:
         if config.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
+        names = ("policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+                 "val/clipfrac_avg", "val/ratio", "policy/entropy_avg")
         history = defaultdict(list)
-        for epoch, minibatches in enumerate(epochs):
-            for index, rows in enumerate(minibatches):
-                if first is not None:  # epoch 0, minibatch 0: its forward pass is done already
-                    output, first = first, None
-                else:
-                    output = self.forward(rollout, rows)
-                rows_mask = mask[rows]
-                policy = policy_loss(output.logprobs, old_logprobs[rows], advantages[rows], rows_mask, config.cliprange)
-                value, value_clipfrac = value_loss(output.values, old_values[rows], returns[rows], rows_mask,
-                                                   config.cliprange_value)
-                with torch.set_grad_enabled(config.entropy_coef > 0):
-                    entropy = masked_mean(entropy_from_logprobs(output.vocab_logprobs), rows_mask)
-                loss = policy.loss + config.vf_coef * value - config.entropy_coef * entropy
-                loss.backward()
+        for minibatches, my_minibatches in zip(epochs, mine):
+            for rows, my_rows in zip(minibatches, my_minibatches):
+                # Each mean below is over this rank's tokens; weighted by their share of the
+                # minibatch's tokens, the ranks' terms add up to the mean over the whole minibatch.
+                share = mask[my_rows].sum() / mask[rows].sum().clamp(min=1)
+                statistics = torch.zeros(len(names), device=self.device)
+                if len(my_rows):
+                    if first is not None:  # epoch 0, minibatch 0: its forward pass is done already
+                        output, first = first, None
+                    else:
+                        output = self.forward(rollout, my_rows)
+                    rows_mask = mask[my_rows]
+                    policy = policy_loss(output.logprobs, old_logprobs[my_rows], advantages[my_rows], rows_mask,
+                                         config.cliprange)
+                    value, value_clipfrac = value_loss(output.values, old_values[my_rows], returns[my_rows],
+                                                       rows_mask, config.cliprange_value)
+                    with torch.set_grad_enabled(config.entropy_coef > 0):
+                        entropy = masked_mean(entropy_from_logprobs(output.vocab_logprobs), rows_mask)
+                    loss = policy.loss + config.vf_coef * value - config.entropy_coef * entropy
+                    (share * loss).backward()
+                    statistics = share * torch.stack([policy.approxkl, policy.clipfrac, policy.loss.detach(),
+                                                      value.detach(), value_clipfrac, policy.ratio, entropy.detach()])
+                distributed.sum_gradients(self.parameters)
+                distributed.all_reduce_sum(statistics)
                 torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for name, number in (("policy/approxkl_avg", policy.approxkl), ("policy/clipfrac_avg", policy.clipfrac),
-                                     ("loss/policy_avg", policy.loss), ("loss/value_avg", value),
-                                     ("val/clipfrac_avg", value_clipfrac), ("val/ratio", policy.ratio),
-                                     ("policy/entropy_avg", entropy)):
-                    history[name].append(number.item())
+                for name, number in zip(names, statistics.tolist()):
+                    history[name].append(number)
 
         mean_kl = kl.sum(1).mean().item()
         self.kl_controller.update(mean_kl, len(rollout))

@@ -4,17 +4,24 @@ An engine module (``studio.core.dpo``, ``studio.core.ppo``) provides:
 
 * ``Config``: a dataclass extending :class:`TrainConfig` with the method's hyper-parameters;
 * ``validate(config, db) -> list[str]``: problems that must stop a launch (e.g. no pairs);
-* ``Engine(config, policy, tokenizer, db, device, run_dir)`` with attributes ``model`` (the
-  PeftModel policy), ``optimizer``, ``scheduler``, and methods ``train_step(step) -> dict`` (one
-  optimizer step, returning metrics named as TRL names them), ``extra_state() -> dict`` and
-  ``load_extra_state(state)`` (what a checkpoint needs beyond adapter, optimizer, scheduler, RNG:
-  tensors, numbers and strings only, so it loads with ``weights_only=True``).
+* ``select_data(config, db) -> dict``: the :class:`TrainingData` fields it trains on (``pairs`` or
+  ``prompts``), read from the project when a run starts; nothing else of the engine sees the database;
+* ``Engine(config, policy, tokenizer, data, device, run_dir)``, `data` a :class:`TrainingData`, with
+  attributes ``model`` (the PeftModel policy), ``optimizer``, ``scheduler``, and methods
+  ``train_step(step) -> dict`` (one optimizer step, returning metrics named as TRL names them),
+  ``extra_state() -> dict`` and ``load_extra_state(state)`` (what a checkpoint needs beyond adapter,
+  optimizer, scheduler, RNG: tensors, numbers and strings only, so it loads with ``weights_only=True``).
+  Under ``torchrun`` / ``accelerate launch`` an engine takes its rank's share of each step through
+  ``studio.core.distributed`` (a no-op in one process).
 
-:func:`execute` drives one: it loads the model state the run starts from, wraps it with a fresh LoRA
-adapter, resumes from the run's last checkpoint if there is one, and calls ``train_step`` until
-``max_steps`` or a stop request, checking pause/stop between steps. Data order and every random
-draw come from seeded generators whose state is in the checkpoint, so a resumed run (even after a
-kill -9) repeats exactly what an uninterrupted run does on the CPU.
+:func:`train` drives one: it loads the model state the run starts from, wraps it with a fresh LoRA
+adapter, resumes from the last checkpoint its sink knows, and calls ``train_step`` until
+``max_steps`` or a stop request, checking pause/stop between steps. Everything it records goes to a
+:class:`RunSink`: :class:`SQLiteSink` for a run of a project (:func:`execute`, the path every local
+run takes: CLI, window, child process) or ``bundles.BundleSink`` (JSONL and a status file) for a run
+bundle on another machine. Data order and every random draw come from seeded generators whose state
+is in the checkpoint, so a resumed run (even after a kill -9) repeats exactly what an uninterrupted
+run does on the CPU.
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
-from . import store
+from . import distributed, store
 from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
@@ -188,11 +195,49 @@ class RunControl:
         self.run_flag.wait()
 
 
-class MetricsSink:
-    """Buffers step records and writes them to the store in batches (one transaction each)."""
+@dataclass
+class TrainingData:
+    """What a run trains on, fixed when it starts: plain rows, no database behind them."""
 
-    def __init__(self, db, run_id: int, batch_size: int = 10, max_delay_s: float = 2.0) -> None:
-        self.db, self.run_id = db, run_id
+    pairs: list[dict] = field(default_factory=list)  # preference pairs: prompt, chosen, rejected (DPO)
+    prompts: list[dict] = field(default_factory=list)  # training prompts: id, prompt (PPO)
+    eval_prompts: list[dict] = field(default_factory=list)  # id, prompt: sampled greedily at each checkpoint
+    reward_root: Path | None = None  # the folder reward-model paths resolve from: the project or the bundle
+
+
+def gather_training_data(db, config: TrainConfig) -> TrainingData:
+    """The run's data from the project: what its engine selects, the eval prompts, the project folder."""
+    from .rewards import project_folder
+
+    eval_prompts = [{"id": row["id"], "prompt": row["prompt"]} for row in store.eval_prompts(db)]
+    return TrainingData(**engine_module(config.method).select_data(config, db), eval_prompts=eval_prompts,
+                        reward_root=project_folder(db))
+
+
+@dataclass
+class ModelStart:
+    """The model state a run starts from: the base model and the adapters merged into it, oldest first."""
+
+    base: ModelSource
+    adapters: list[Path] = field(default_factory=list)  # PEFT adapter folders
+
+
+class RunSink(Protocol):
+    """Where a run's records go: the project database (SQLiteSink) or a bundle's files (BundleSink)."""
+
+    def add(self, record: dict) -> None: ...  # one step's metrics; may be buffered
+    def flush(self) -> None: ...
+    def set_status(self, status: str, error: str | None = None) -> None: ...
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None: ...
+    def last_checkpoint(self, log: Callable[[str], None]) -> Path | None: ...  # the last whole one
+    def discard_after(self, step: int) -> None: ...  # metrics and checkpoints of steps a resumed run redoes
+
+
+class BufferedSink:
+    """Step records written in batches: every `batch_size` records, or when `max_delay_s` has passed,
+    so a slow run's charts still move. Subclasses say where with ``write(records)``."""
+
+    def __init__(self, batch_size: int = 10, max_delay_s: float = 2.0) -> None:
         self.batch_size, self.max_delay_s = batch_size, max_delay_s
         self.pending: list[dict] = []
         self.last_flush = time.monotonic()
@@ -204,9 +249,41 @@ class MetricsSink:
 
     def flush(self) -> None:
         if self.pending:
-            store.write_metrics(self.db, self.run_id, self.pending)
+            self.write(self.pending)
             self.pending = []
         self.last_flush = time.monotonic()
+
+    def write(self, records: list[dict]) -> None:
+        raise NotImplementedError
+
+
+class SQLiteSink(BufferedSink):
+    """A project's run: metrics written in batches (one transaction each), checkpoints registered."""
+
+    def __init__(self, db, run_id: int, identity: dict | None = None, batch_size: int = 10,
+                 max_delay_s: float = 2.0) -> None:
+        super().__init__(batch_size, max_delay_s)
+        self.db, self.run_id = db, run_id
+        self.identity = identity  # the base model's identity, recorded on every checkpoint
+
+    def write(self, records: list[dict]) -> None:
+        store.write_metrics(self.db, self.run_id, records)
+
+    def set_status(self, status: str, error: str | None = None) -> None:
+        store.set_run_status(self.db, self.run_id, status, error=error)
+
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None:
+        with self.db.atomic():  # the checkpoint and its samples together, or neither
+            checkpoint_id = store.add_checkpoint(self.db, self.run_id, step, str(folder), self.identity)
+            store.add_samples(self.db, [{**sample, "checkpoint_id": checkpoint_id} for sample in samples])
+
+    def last_checkpoint(self, log: Callable[[str], None]) -> Path | None:
+        return last_good([(c["step"], store.checkpoint_folder(self.db, c))
+                          for c in store.checkpoints(self.db, self.run_id)], log)
+
+    def discard_after(self, step: int) -> None:
+        store.delete_checkpoints_after(self.db, self.run_id, step)
+        store.delete_metrics_after(self.db, self.run_id, step)
 
 
 # --- model states: the base, or the base with a chain of checkpoints merged in ----------------
@@ -240,7 +317,7 @@ def check_base_identity(chain: list[dict], identity: dict) -> None:
 def verified_folder(db, checkpoint: dict) -> Path:
     """A checkpoint's folder, after checking that its files are whole; raises a clear error if not."""
     folder = store.checkpoint_folder(db, checkpoint)
-    problem = verify_checkpoint(folder)
+    problem = verify_checkpoint(folder, resumable=False)
     if problem:
         raise store.ProjectError(
             f"Checkpoint {checkpoint['id']} (run {checkpoint['run_id']}, step {checkpoint['step']}) cannot "
@@ -248,19 +325,29 @@ def verified_folder(db, checkpoint: dict) -> Path:
     return folder
 
 
-def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
-    """(model, tokenizer) for the base (None) or a checkpoint, with its adapters merged in."""
-    from peft import PeftModel
-
+def model_start(db, checkpoint_id: int | None) -> ModelStart:
+    """The project's base model with the adapters of `checkpoint_id`'s chain (none for the base),
+    after checking that each adapter was trained on this base and that its files are whole."""
     source = ModelSource.from_json(store.get_setting(db, "base_model"))
     chain = checkpoint_chain(db, checkpoint_id)
     if chain:
         check_base_identity(chain, base_identity(source))
-    folders = [verified_folder(db, checkpoint) for checkpoint in chain]  # before the slow model load
-    model, tokenizer = load_model(source, device)
-    for folder in folders:
-        model = PeftModel.from_pretrained(model, folder / "adapter").merge_and_unload()
+    return ModelStart(source, [verified_folder(db, checkpoint) / "adapter" for checkpoint in chain])
+
+
+def load_start(start: ModelStart, device: str = "cpu"):
+    """(model, tokenizer): the base with `start`'s adapters merged in, in order."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model(start.base, device)
+    for adapter in start.adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model, tokenizer
+
+
+def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
+    """(model, tokenizer) for the base (None) or a checkpoint, with its adapters merged in."""
+    return load_start(model_start(db, checkpoint_id), device)
 
 
 def export_adapter(db, checkpoint_id: int, out_dir: Path | str) -> Path:
@@ -301,10 +388,11 @@ ADAPTER_FILE = "adapter/adapter_model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
-def verify_checkpoint(folder: Path) -> str | None:
+def verify_checkpoint(folder: Path, resumable: bool = True) -> str | None:
     """What is wrong with a checkpoint folder's files (None when whole), without loading tensors:
     the safetensors header must describe exactly the bytes after it, the torch file must be a
-    whole zip whose members match their CRCs."""
+    whole zip whose members match their CRCs. `resumable=False` checks the adapter alone (all that
+    loading a model state needs; an imported TRL checkpoint has no trainer state)."""
     import zipfile
 
     if not folder.is_dir():
@@ -323,6 +411,8 @@ def verify_checkpoint(folder: Path) -> str | None:
         return f"{adapter} is missing"
     except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
         return f"{adapter} is damaged ({type(exc).__name__})"
+    if not resumable:
+        return None
     state = folder / TRAINER_STATE_FILE
     try:
         with zipfile.ZipFile(state) as archive:
@@ -336,9 +426,20 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer, device: str,
-                    config: TrainConfig, identity: dict | None = None) -> int:
-    """Write adapter + trainer state atomically and durably, sample the eval prompts, register both together."""
+def last_good(candidates: list[tuple[int, Path]], log: Callable[[str], None]) -> Path | None:
+    """The newest of (step, folder) checkpoints whose files are whole; says which damaged ones it skipped."""
+    for step, folder in reversed(candidates):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        log(f"Checkpoint at step {step} is damaged ({problem}); trying the one before it")
+    return None
+
+
+def save_checkpoint(sink: RunSink, run_dir: Path, step: int, engine, tokenizer, device: str,
+                    config: TrainConfig, eval_prompts: list[dict]) -> Path:
+    """Write adapter + trainer state atomically and durably, sample the eval prompts, hand both to
+    the sink together."""
     import torch
 
     folder = run_dir / f"checkpoint-{step}"
@@ -353,44 +454,21 @@ def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer
     os.replace(partial, folder)
     store.fsync_path(run_dir)  # ... and the rename is on disk before the database points at it
 
-    eval_rows = store.eval_prompts(db)
     decoding = Decoding(max_new_tokens=config.eval_max_new_tokens)
-    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_rows], decoding) if eval_rows else []
-    with db.atomic():
-        checkpoint_id = store.add_checkpoint(db, run_id, step, str(folder), identity)
-        store.add_samples(db, [
-            {"checkpoint_id": checkpoint_id, "prompt_id": row["id"], "sample_index": 0,
-             "seed": decoding.seed, "decoding": decoding.to_json(), "text": g.text,
-             "scores": {"length": len(g.response_ids), "finished": g.finished}}
-            for row, g in zip(eval_rows, generations)])
-    return checkpoint_id
+    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_prompts], decoding) if eval_prompts else []
+    sink.checkpoint_saved(step, folder, [
+        {"prompt_id": row["id"], "sample_index": 0, "seed": decoding.seed, "decoding": decoding.to_json(),
+         "text": g.text, "scores": {"length": len(g.response_ids), "finished": g.finished}}
+        for row, g in zip(eval_prompts, generations)])
+    return folder
 
 
-def last_good_checkpoint(db, run_id: int, log: Callable[[str], None]) -> dict | None:
-    """The run's newest checkpoint whose files are whole; says which damaged ones it skipped."""
-    for checkpoint in reversed(store.checkpoints(db, run_id)):
-        problem = verify_checkpoint(store.checkpoint_folder(db, checkpoint))
-        if problem is None:
-            return checkpoint
-        log(f"Checkpoint at step {checkpoint['step']} is damaged ({problem}); trying the one before it")
-    return None
-
-
-def resume_from_last_checkpoint(db, run_id: int, engine, log: Callable[[str], None] = lambda message: None) -> int:
-    """Load the run's last good checkpoint into `engine`; returns the step to continue from.
-
-    Metrics and checkpoints after that step are deleted: the steps after it will be recomputed.
-    """
+def resume_from_checkpoint(folder: Path, engine) -> int:
+    """Load checkpoint `folder` into `engine` (adapter, optimizer, scheduler, RNG); returns its step."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    checkpoint = last_good_checkpoint(db, run_id, log)
-    if checkpoint is None:
-        store.delete_checkpoints_after(db, run_id, 0)
-        store.delete_metrics_after(db, run_id, 0)  # a run that died before its first checkpoint
-        return 0
-    folder = store.checkpoint_folder(db, checkpoint)
     adapter = load_file(folder / ADAPTER_FILE, device=str(next(engine.model.parameters()).device))
     set_peft_model_state_dict(engine.model, adapter)
     state = torch.load(folder / TRAINER_STATE_FILE, weights_only=True)
@@ -398,15 +476,13 @@ def resume_from_last_checkpoint(db, run_id: int, engine, log: Callable[[str], No
     engine.scheduler.load_state_dict(state["scheduler"])
     engine.load_extra_state(state["engine"])
     _set_rng_state(state["rng"])
-    store.delete_checkpoints_after(db, run_id, state["step"])
-    store.delete_metrics_after(db, run_id, state["step"])
     return state["step"]
 
 
-def take_run_lock(run_dir: Path, run_id: int) -> int:
+def take_run_lock(run_dir: Path) -> int:
     """The per-run lock, held by whichever process trains the run, so two can never train one run."""
     return store.take_lock(run_dir / store.RUN_LOCK_NAME,
-                           f"Run {run_id} is being trained by another process (pid {{pid}}). "
+                           f"The run in {run_dir} is being trained by another process (pid {{pid}}). "
                            "Stop it there, or wait for it to finish.")
 
 
@@ -443,7 +519,7 @@ def check_run_base(db, run: dict, config: TrainConfig, identity: dict) -> None:
                 "optimises half-way: start a new run with the new reward model, or put the old one back.")
 
 
-def record_failure(db, run_id: int, sink: MetricsSink, exc: BaseException) -> None:
+def record_failure(sink: BufferedSink, exc: BaseException) -> None:
     """Mark the run failed with its error, even when the metrics that were pending cannot be written."""
     error = f"{type(exc).__name__}: {exc}"
     try:
@@ -451,7 +527,7 @@ def record_failure(db, run_id: int, sink: MetricsSink, exc: BaseException) -> No
     except Exception as flush_exc:  # e.g. the disk that failed the step is still full
         sink.pending = []  # recomputed on resume, from the last checkpoint
         error += f" (and its last metrics could not be written: {flush_exc})"
-    store.set_run_status(db, run_id, "failed", error=error)
+    sink.set_status("failed", error=error)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -459,51 +535,80 @@ def record_failure(db, run_id: int, sink: MetricsSink, exc: BaseException) -> No
 def execute(project_path: Path | str, run_id: int, control: RunControl | None = None,
             on_metrics: Callable[[dict], None] | None = None,
             on_log: Callable[[str], None] | None = None) -> str:
-    """Train run `run_id` to its end or to a stop request; returns the final status.
+    """Train run `run_id` of a project to its end or to a stop request; returns the final status.
 
     Opens its own database connection, so it can run in any thread. On an exception the run is
     marked failed (its checkpoints stay intact) and the exception propagates to the caller.
+    """
+    project_path = Path(project_path)
+    db = store.connect(project_path)
+    sink = SQLiteSink(db, run_id)
+    try:
+        run = store.get_run(db, run_id)
+        config = engine_module(run["method"]).Config.from_json(run["config"])
+        start = model_start(db, config.parent_checkpoint_id)
+        sink.identity = base_identity(start.base)
+        check_run_base(db, run, config, sink.identity)
+        data = gather_training_data(db, config)
+    except BaseException as exc:
+        record_failure(sink, exc)
+        db.close()
+        raise
+    try:
+        return train(config, data, start, project_path / "runs" / str(run_id), sink, control, on_metrics, on_log)
+    finally:
+        db.close()
+
+
+def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: Path, sink: RunSink,
+          control: RunControl | None = None, on_metrics: Callable[[dict], None] | None = None,
+          on_log: Callable[[str], None] | None = None) -> str:
+    """Train `config` on `data` from `start`, recording to `sink`; returns the final status.
+
+    In a data-parallel launch every rank calls this with the same arguments; rank 0 alone writes
+    checkpoints (other ranks get a sink that only reads). On an exception the run is marked failed
+    and the exception propagates.
     """
     import torch
 
     control = control or RunControl()
     log = on_log or (lambda message: None)
-    project_path = Path(project_path)
-    db = store.connect(project_path)
-    run = store.get_run(db, run_id)
-    module = engine_module(run["method"])
-    config = module.Config.from_json(run["config"])
-    run_dir = project_path / "runs" / str(run_id)
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        run_lock = take_run_lock(run_dir, run_id)
-    except BaseException:
-        db.close()
-        raise
-    sink = MetricsSink(db, run_id)
-    store.set_run_status(db, run_id, "running")
+    run_lock = take_run_lock(run_dir) if distributed.is_main() else None  # before the status says running
+    is_main = distributed.is_main()
+    sink.set_status("running")
     try:
         torch.manual_seed(config.seed)
-        identity = base_identity(ModelSource.from_json(store.get_setting(db, "base_model")))
-        check_run_base(db, run, config, identity)
         device, dtype = pick_device(config.device)
+        device = distributed.local_device(device)
         log(f"Loading model on {device} ({dtype})")
-        model, tokenizer = load_model_state(db, config.parent_checkpoint_id, device)
+        model, tokenizer = load_start(start, device)
         policy = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                           config.lora_target_modules)
-        engine = module.Engine(config, policy, tokenizer, db, device, run_dir)
-        step = resume_from_last_checkpoint(db, run_id, engine, log)
+        engine = engine_module(config.method).Engine(config, policy, tokenizer, data, device, run_dir)
+        last = sink.last_checkpoint(log)
+        step = resume_from_checkpoint(last, engine) if last is not None else 0
+        sink.discard_after(step)  # steps after it (or every step, before a first checkpoint) are redone
         if step:
             log(f"Resumed from the checkpoint at step {step}")
         last_saved = step
+
+        def checkpoint() -> None:
+            sink.flush()
+            if is_main:
+                save_checkpoint(sink, run_dir, step, engine, tokenizer, device, config, data.eval_prompts)
+            distributed.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
+            log(f"Checkpoint saved at step {step}")
+
         while step < config.max_steps:
             if control.paused:
                 sink.flush()
-                store.set_run_status(db, run_id, "paused")
+                sink.set_status("paused")
                 log(f"Paused after step {step}")
                 control.wait_while_paused()
-                store.set_run_status(db, run_id, "running")
-            if control.stop_requested:
+                sink.set_status("running")
+            if distributed.any_rank(control.stop_requested):
                 break
             started = time.perf_counter()
             record = engine.train_step(step)
@@ -514,21 +619,18 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
             if on_metrics is not None:
                 on_metrics(record)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
-                sink.flush()
-                save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config, identity)
+                checkpoint()
                 last_saved = step
-                log(f"Checkpoint saved at step {step}")
         sink.flush()
         if step != last_saved:
-            save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config, identity)
-            log(f"Checkpoint saved at step {step}")
+            checkpoint()
         status = "completed" if step >= config.max_steps else "stopped"
-        store.set_run_status(db, run_id, status)
+        sink.set_status(status)
         log(f"Run {status} at step {step}")
         return status
     except BaseException as exc:
-        record_failure(db, run_id, sink, exc)
+        record_failure(sink, exc)
         raise
     finally:
-        db.close()
-        os.close(run_lock)
+        if run_lock is not None:
+            os.close(run_lock)

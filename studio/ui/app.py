@@ -32,6 +32,7 @@ from .panels.label import LabelPanel
 from .panels.projects import NewProjectDialog, ProjectsPanel, default_projects_dir
 from .panels.run_setup import RunSetupPanel
 from .panels.runs import RunsPanel
+from .scale_out import ScaleOutActions, cuda_device_count
 from .workers import RunQueue, describe_error, load_engines, run_in_background, wait_for_background_jobs
 
 try:
@@ -255,6 +256,9 @@ class MainWindow(QMainWindow):
         run_menu.addActions([self.new_dpo_action, self.new_ppo_action])
         run_menu.addSeparator()
         run_menu.addActions([self.start_action, self.pause_action, self.resume_action, self.stop_action])
+        run_menu.addSeparator()
+        self.scale_out = ScaleOutActions(self)  # bundle / import / follow / launch on N GPUs
+        run_menu.addMenu(self.scale_out.menu)
         self.view_menu = bar.addMenu("&View")
         for dock in self.docks.values():
             self.view_menu.addAction(dock.toggleViewAction())
@@ -328,6 +332,7 @@ class MainWindow(QMainWindow):
         self.device_label.setText(f"Training on {device} · {dtype}")
         self.run_setup.set_engines(result["engines"], result["train_fields"], result["rewards"])
         self.run_setup.set_project(self.project)
+        self.scale_out.show_gpu_launch(cuda_device_count())
         self._update_actions()
         self.engines_ready.emit()
 
@@ -575,6 +580,7 @@ class MainWindow(QMainWindow):
         self.pause_action.setEnabled(panel.pause_button.isEnabled())
         self.resume_action.setEnabled(panel.resume_button.isEnabled())
         self.stop_action.setEnabled(panel.stop_button.isEnabled())
+        self.scale_out.update_enabled()
 
     def _update_status(self) -> None:
         if self.project is None:
