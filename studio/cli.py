@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train headless (Ctrl-C stops cleanly at a step boundary)")
     train.add_argument("dir", type=Path)
-    train.add_argument("--method", choices=["dpo", "ppo"])
+    train.add_argument("--method", choices=["dpo", "ppo", "grpo", "rloo"])
     train.add_argument("--config", type=Path, help="JSON file of settings")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting (value parsed as JSON when it can be)")
@@ -150,7 +150,7 @@ def cmd_train(args) -> int:
             method = store.get_run(project.db, run_id)["method"]
         else:
             if not args.method:
-                raise runs.ConfigError("--method dpo|ppo is required for a new run")
+                raise runs.ConfigError("--method dpo|ppo|grpo|rloo is required for a new run")
             overrides = json.loads(args.config.read_text()) if args.config else {}
             for item in args.set:
                 key, _, value = item.partition("=")
@@ -167,7 +167,8 @@ def cmd_train(args) -> int:
 
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",
-                "objective/rlhf_reward", "tokens_per_second", "step_seconds")
+                "objective/rlhf_reward", "reward", "kl", "completions/mean_length", "tokens_per_second",
+                "step_seconds")
 
 
 def print_record(record: dict) -> None:

@@ -37,7 +37,8 @@ from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
 
-ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
+ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo", "grpo": "studio.core.grpo",
+                  "rloo": "studio.core.rloo"}
 
 
 class ConfigError(StudioError):
