@@ -295,12 +295,14 @@ def main() -> None:
     from studio.core.models import ModelSource, resolve_folder
     from studio.core.tiny import build_tiny_model_folder
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
+    global OUT
+    if args.smoke:  # its own folder: a smoke run may go on beside a real one
+        OUT = OUT / "smoke"
         model_folder = build_tiny_model_folder(Path(tempfile.mkdtemp(prefix="studio-bench-")) / "tiny")
         pairs = generated_pairs(2 * PAIRS_PER_STEP)
     else:
         model_folder, pairs = resolve_folder(ModelSource("demo")), load_pairs(args.pairs)
+    OUT.mkdir(parents=True, exist_ok=True)
     steps = len(pairs) // PAIRS_PER_STEP
     order = our_pair_order(pairs, steps * PAIRS_PER_STEP, str(model_folder))
     job = {"pairs": pairs, "ordered_pairs": [pairs[i] for i in order], "steps": steps, "threads": args.threads,

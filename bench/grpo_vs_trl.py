@@ -213,7 +213,9 @@ def main() -> None:
     from studio.core.models import ModelSource, resolve_folder
     from studio.core.tiny import build_tiny_model_folder
 
-    if args.smoke:
+    global OUT
+    if args.smoke:  # its own folder: a smoke run may go on beside a real one
+        OUT = OUT / "smoke"
         model_folder, steps = build_tiny_model_folder(Path(tempfile.mkdtemp(prefix="studio-bench-")) / "tiny"), 2
     else:
         model_folder, steps = resolve_folder(ModelSource("demo")), args.steps
