@@ -106,7 +106,10 @@ def cmd_import(args) -> int:
 
     if args.preview:
         loaded = datasets.preview(args.file)
-        print(f"{args.file}: {loaded.fmt}, {loaded.kind}")
+        print(f"{args.file}: {loaded.fmt}, {loaded.kind}" + (f" (TRL {loaded.trl_format})" if loaded.trl_format else ""))
+        print(loaded.summary())
+        for column, use in loaded.column_plan():
+            print(f"  column {column!r}: {use}")
         for row in loaded.rows:
             print(json.dumps(row, ensure_ascii=False)[:200])
         for error in loaded.errors:

@@ -37,7 +37,8 @@ def test_database_made_by_an_older_schema_is_migrated_without_loss(tmp_path):
 
     with store.Project.open(folder) as project:
         assert project.db["labels"].exists() and project.db["comparisons"].exists()
-        assert [m.name for m in store.migrations.applied(project.db)] == ["m001_core_tables", "m002_labelling"]
+        assert [m.name for m in store.migrations.applied(project.db)] == ["m001_core_tables", "m002_labelling",
+                                                                  "m003_reference_answers_and_feedback"]
         assert store.pairs(project.db)[0]["chosen"] == "a"
 
 
