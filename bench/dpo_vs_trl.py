@@ -223,6 +223,16 @@ def run_config(name: str, job: dict) -> dict:
     return {**json.loads(result_file.read_text()), "load_average": (load_before, os.getloadavg()[0])}
 
 
+def run_child(job_file: Path, result_file: Path, run) -> None:
+    """In a child process: one configuration, its job in, its result out, at the job's torch threads."""
+    job = json.loads(job_file.read_text())
+    if job["threads"]:
+        import torch
+
+        torch.set_num_threads(job["threads"])
+    result_file.write_text(json.dumps(run(job)))
+
+
 def relative_difference(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
@@ -283,13 +293,8 @@ def main() -> None:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.job:  # a child process: one configuration, job in, result out
-        job = json.loads(args.job.read_text())
-        if job["threads"]:
-            import torch
-
-            torch.set_num_threads(job["threads"])
-        args.result.write_text(json.dumps(run_ours(job) if job["side"] == "ours" else run_trl(job)))
+    if args.job:
+        run_child(args.job, args.result, run_ours if json.loads(args.job.read_text())["side"] == "ours" else run_trl)
         return
 
     from studio.core.models import ModelSource, resolve_folder

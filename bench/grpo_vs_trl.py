@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # import studio from the checkout
 sys.path.insert(0, str(ROOT / "bench"))
+from dpo_vs_trl import ensure_trl_venv, run_child  # noqa: E402  (the same venv and child-process plumbing)
 OUT = ROOT / "bench" / "out" / "grpo"
 SEED, PROMPTS_PER_STEP, NUM_GENERATIONS, NEW_TOKENS, LORA_R, LORA_ALPHA = 0, 4, 4, 48, 16, 32
 BETA, LEARNING_RATE, TEMPERATURE = 0.04, 5e-5, 1.0
@@ -153,7 +154,6 @@ def run_trl(job: dict) -> dict:
 
 def run_side(side: str, job: dict) -> dict:
     """One side in its own process (TRL's in its venv); returns its result."""
-    from dpo_vs_trl import ensure_trl_venv
 
     python = ensure_trl_venv() if side == "trl" else Path(sys.executable)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -201,13 +201,8 @@ def main() -> None:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.job:  # a child process: one side, job in, result out
-        job = json.loads(args.job.read_text())
-        if job["threads"]:
-            import torch
-
-            torch.set_num_threads(job["threads"])
-        args.result.write_text(json.dumps(run_ours(job) if job["side"] == "ours" else run_trl(job)))
+    if args.job:
+        run_child(args.job, args.result, run_ours if json.loads(args.job.read_text())["side"] == "ours" else run_trl)
         return
 
     from studio.core.models import ModelSource, resolve_folder

@@ -33,8 +33,8 @@ import torch
 
 from . import rewards
 from .generation import stop_token_ids
-from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, sample_rollout,
-                  saved_prompt_ids, training_prompts)
+from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, run_prompts,
+                  sample_rollout, saved_prompt_ids)
 from .runs import TrainConfig, make_optimizer, peak_memory_mb
 
 
@@ -144,9 +144,7 @@ class Engine:
 
     def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
-        rows = training_prompts(db, config.prompt_dataset_ids)
-        self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
-        self.prompts_by_id = {row["id"]: row["prompt"] for row in rows}
+        self.prompt_ids, self.prompts_by_id = run_prompts(db, config)  # the run's prompts, fixed when it starts
         self.stop_ids = stop_token_ids(tokenizer, policy)
         policy.eval()  # for the whole run: no dropout, so sampling and training passes agree (as TRL)
         self.parameters = [p for p in policy.parameters() if p.requires_grad]

@@ -191,6 +191,12 @@ def training_prompts(db, dataset_ids: list[int] | None) -> list[dict]:
     return rows if dataset_ids is None else [r for r in rows if r["dataset_id"] in dataset_ids]
 
 
+def run_prompts(db, config) -> tuple[list[int], dict]:
+    """(ids of the prompts a shaping run trains on, {id: prompt})."""
+    rows = training_prompts(db, config.prompt_dataset_ids)
+    return [row["id"] for row in rows], {row["id"]: row["prompt"] for row in rows}
+
+
 def validate(config: Config, db) -> list[str]:
     problems = []
     at_least_one = ("prompts_per_step", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps", "kl_horizon")
@@ -340,9 +346,7 @@ class ForwardOutput(NamedTuple):
 class Engine:
     def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
-        rows = training_prompts(db, config.prompt_dataset_ids)
-        self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
-        self.prompts_by_id = {row["id"]: row["prompt"] for row in rows}
+        self.prompt_ids, self.prompts_by_id = run_prompts(db, config)  # the run's prompts, fixed when it starts
         self.stop_ids = stop_token_ids(tokenizer, policy)
         policy.eval()  # for the whole run: see the module docstring
 
