@@ -9,7 +9,8 @@ equal too). TRL reads the prompts in its own shuffled order, ours in ours: the s
 same batches. Each side runs in its own process (TRL's in bench/.venv-trl, made by dpo_vs_trl.py's
 `ensure_trl_venv`) with the same torch thread count, so each peak RSS is that process's own.
 
-The split: ours reports time/generation (sampling), time/scoring (rewards and the reference pass) and
+Wall seconds suffer when other processes share the cores; CPU seconds per step (one thread a side)
+are the steadier figure then. The split: ours reports time/generation (sampling), time/scoring (rewards and the reference pass) and
 time/training (forward, backward, optimizer step). TRL's is measured around its methods: generation
 = ``_generate``, scoring = the rest of ``_generate_and_score_completions`` (rewards, reference
 log-probs), training = the rest of the step.
@@ -76,9 +77,10 @@ def run_ours(job: dict) -> dict:
         engine = grpo.Engine(config, policy, tokenizer, project.db, "cpu", Path(tmp) / "runs" / "0")
         steps = []
         for step in range(job["steps"]):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             record = engine.train_step(step)
-            steps.append({"seconds": time.perf_counter() - started, "generation": record["time/generation"],
+            steps.append({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                          "generation": record["time/generation"],
                           "scoring": record["time/scoring"], "training": record["time/training"],
                           "reward": record["reward"], "completion_tokens": record["completions/mean_length"]})
         project.close()
@@ -117,11 +119,12 @@ def run_trl(job: dict) -> dict:
     class TimeSteps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             phases.update(generation=0.0, generate_and_score=0.0)
-            self.started = time.perf_counter()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             seconds = time.perf_counter() - self.started
-            steps.append({"seconds": seconds, "generation": phases["generation"],
+            steps.append({"seconds": seconds, "cpu_seconds": time.process_time() - self.cpu_started,
+                          "generation": phases["generation"],
                           "scoring": phases["generate_and_score"] - phases["generation"],
                           "training": seconds - phases["generate_and_score"]})
 
@@ -178,7 +181,7 @@ def report(results: dict[str, dict], job: dict) -> str:
     lines = [f"{job['steps']} steps x {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} generations, {NEW_TOKENS} new "
              f"tokens, {Path(job['model_folder']).name}, CPU fp32, torch threads {job['threads'] or 'default'}",
              row("", names, "{:>12}")]
-    for key in ("seconds", "generation", "scoring", "training", "completion_tokens", "reward"):
+    for key in ("seconds", "cpu_seconds", "generation", "scoring", "training", "completion_tokens", "reward"):
         lines.append(row(f"{key} (median of steps 2..N)", [median(r, key) for r in results.values()]))
     lines.append(row("peak RSS MB", [r["peak_rss_mb"] for r in results.values()], "{:12.0f}"))
     lines.append("load average (1 min) before/after: " + ", ".join(
@@ -186,6 +189,7 @@ def report(results: dict[str, dict], job: dict) -> str:
     if {"ours", "trl"} <= results.keys():
         ours, trl = results["ours"], results["trl"]
         lines.append(f"TRL / ours: s/step x{median(trl, 'seconds') / median(ours, 'seconds'):.2f} (goal: 2), "
+                     f"CPU s/step x{median(trl, 'cpu_seconds') / median(ours, 'cpu_seconds'):.2f}, "
                      f"per generated token x{(median(trl, 'seconds') / median(trl, 'completion_tokens')) / (median(ours, 'seconds') / median(ours, 'completion_tokens')):.2f}, "
                      f"peak RSS x{trl['peak_rss_mb'] / ours['peak_rss_mb']:.2f} (goal: at least 1)")
     return "\n".join(lines)
