@@ -104,12 +104,16 @@ class LoadedFile:
     def summary(self) -> str:
         """One line on what importing this file gives, counts included."""
         if self.feedback:
-            return (f"{len(self.feedback)} unpaired preference rows: {self.row_count} preference "
-                    f"pairs (completions of one prompt with opposite labels), {self.unpaired} rows left unpaired; "
-                    "every row is also kept as unpaired feedback")
+            return (f"{_count(len(self.feedback), 'unpaired preference row')}: "
+                    f"{_count(self.row_count, 'preference pair')} (completions of one prompt with opposite labels), "
+                    f"{_count(self.unpaired, 'row')} left unpaired; every row is also kept as unpaired feedback")
         if self.trl_format == "prompt-completion":
             return f"{self.row_count} prompts, each with its completion kept as a reference answer"
         return f"{self.row_count} {self.kind} rows" if self.kind else "nothing to import"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 # --- public API -------------------------------------------------------------------------------
