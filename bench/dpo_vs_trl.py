@@ -4,9 +4,11 @@ Both sides train the demo model (SmolLM2-135M-Instruct) in fp32 on the CPU with 
 (r=16, alpha=32, all linear layers, created right after seeding with the same seed: the same initial
 adapter, with B=0, so the step-1 policy is the base model on both sides), on the same pairs, 4 per
 optimizer step, in the same order (TRL reads them in our engine's order with a sequential sampler),
-sigmoid loss, beta 0.1, lr 5e-5 linear, max_length 1024. TRL keeps its other defaults: gradient
-checkpointing on, reference log-probs recomputed at every step (precompute_ref_log_probs=False).
-We compute them once before the first step: the end-to-end figure (setup + one epoch) counts that.
+sigmoid loss, beta 0.1, lr 5e-5 linear, max_length 1024. TRL runs twice: with its defaults
+(``trl``: gradient checkpointing on, reference log-probs recomputed at every step), and in its
+fastest equal-work configuration (``trl-tuned``: no gradient checkpointing,
+precompute_ref_log_probs=True, so it too computes them once before the first step). We compute them
+once before the first step: the end-to-end figure (setup + one epoch) counts that.
 
 Ours runs twice: 4 pairs per forward pass (batch_size=4), and 1 pair per forward pass with 4
 accumulated (batch_size=1, gradient_accumulation_steps=4): the same pairs and the same loss per
@@ -16,6 +18,7 @@ other processes share the cores; CPU seconds per step are the steadier figure th
 
     .venv/bin/python bench/dpo_vs_trl.py                 # 48 pairs: one epoch = 12 steps
     .venv/bin/python bench/dpo_vs_trl.py --pairs 8 --configs ours:4   # a quick look at one side
+    .venv/bin/python bench/dpo_vs_trl.py --smoke                       # tiny random model, 2 steps: does it run?
 """
 
 from __future__ import annotations
@@ -87,12 +90,12 @@ def load_pairs(count: int) -> list[dict]:
     return generated_pairs(count)
 
 
-def our_pair_order(pairs: list[dict], count: int) -> list[int]:
+def our_pair_order(pairs: list[dict], count: int, model_folder: str) -> list[int]:
     """The first `count` pair indices our engine visits, in its order (one epoch at most)."""
     from studio.core import dpo
-    from studio.core.models import ModelSource, load_tokenizer, resolve_folder
+    from studio.core.models import load_tokenizer
 
-    tokenizer = load_tokenizer(resolve_folder(ModelSource("demo")))
+    tokenizer = load_tokenizer(Path(model_folder))
     lengths = [dpo.tokenize_pair(tokenizer, pair).length for pair in pairs]
     return dpo.epoch_order(lengths, PAIRS_PER_STEP * dpo.LENGTH_GROUP_STEPS, SEED, epoch=0)[:count]
 
@@ -113,7 +116,7 @@ def run_ours(job: dict) -> dict:
             "seed": SEED, "max_steps": job["steps"], "batch_size": batch_size,
             "gradient_accumulation_steps": PAIRS_PER_STEP // batch_size, "learning_rate": LEARNING_RATE,
             "beta": BETA, "max_length": MAX_LENGTH, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA})
-        model, tokenizer = load_model(ModelSource("demo"))
+        model, tokenizer = load_model(ModelSource("folder", job["model_folder"]))
         torch.manual_seed(SEED)
         policy = add_lora(model, LORA_R, LORA_ALPHA, 0.0, "all-linear")
         checksum = lora_a_checksum(policy)
@@ -133,11 +136,23 @@ def run_ours(job: dict) -> dict:
 
 # --- TRL's side (runs in bench/.venv-trl) -----------------------------------------------------
 
+def trainable_config(model_folder: str):
+    """The folder's config, without a quantization_config: folders converted from GGUF by older
+    versions of the studio still name the GGUF file they came from, and transformers' Trainer refuses
+    to train a model it believes is GGUF-quantised (today's converted folders drop it)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_folder)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return config
+
+
 def run_trl(job: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     clock = StepClock()
@@ -150,16 +165,14 @@ def run_trl(job: dict) -> dict:
             clock.stop()
 
     tokenizer = AutoTokenizer.from_pretrained(job["model_folder"])
-    # The demo folder holds de-quantised fp32 weights, but its config still names the GGUF file it came
-    # from, and transformers' Trainer refuses to train a model it believes is GGUF-quantised.
-    config = AutoConfig.from_pretrained(job["model_folder"])
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_pretrained(job["model_folder"], config=config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(job["model_folder"], config=trainable_config(job["model_folder"]),
+                                                 dtype=torch.float32)
+    tuned = job["side"] == "trl-tuned"
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, seed=SEED, max_steps=job["steps"], per_device_train_batch_size=PAIRS_PER_STEP,
                          gradient_accumulation_steps=1, learning_rate=LEARNING_RATE, lr_scheduler_type="linear",
                          beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH, bf16=False, use_cpu=True,
-                         gradient_checkpointing=job["trl_gradient_checkpointing"],
+                         gradient_checkpointing=not tuned, precompute_ref_log_probs=tuned,
                          train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
                          report_to=[], disable_tqdm=True, dataloader_num_workers=0)
         lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
@@ -178,25 +191,29 @@ def run_trl(job: dict) -> dict:
 # --- the comparison ---------------------------------------------------------------------------
 
 def ensure_trl_venv() -> Path:
-    """bench/.venv-trl with TRL 1.16.0 and this venv's torch, transformers, peft and accelerate."""
-    from importlib.metadata import version
+    """bench/.venv-trl: TRL 1.16.0 over this venv's own torch, transformers, peft and accelerate.
+
+    The venv sees this one's packages through a .pth file, so pip installs only what TRL adds (TRL
+    itself, datasets); both sides then run the very same torch build (PyPI's torch is a CUDA build)."""
+    import site
 
     python = TRL_VENV / "bin" / "python"
     if python.exists() and subprocess.run([python, "-c", "import trl"], capture_output=True).returncode == 0:
         return python
-    subprocess.run([sys.executable, "-m", "venv", TRL_VENV], check=True)
-    pip = [python, "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, f"torch=={version('torch').split('+')[0]}"], check=True)  # the local CPU build
-    subprocess.run([*pip, "trl==1.16.0", f"transformers=={version('transformers')}", f"peft=={version('peft')}",
-                    f"accelerate=={version('accelerate')}"], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", TRL_VENV], check=True)
+    site_packages = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    (site_packages / "studio-venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "trl==1.16.0"], check=True)
     return python
 
 
 def run_config(name: str, job: dict) -> dict:
-    """Run one configuration ("ours:<batch_size>" or "trl") in its own process; its output goes to bench/out."""
+    """Run one configuration ("ours:<batch_size>", "trl" or "trl-tuned") in its own process; its output
+    goes to bench/out."""
     side, _, batch_size = name.partition(":")
     job = {**job, "side": side, "batch_size": int(batch_size or PAIRS_PER_STEP)}
-    python = ensure_trl_venv() if side == "trl" else Path(sys.executable)
+    python = ensure_trl_venv() if side.startswith("trl") else Path(sys.executable)
     stem = OUT / name.replace(":", "-")
     job_file, result_file, log_file = (stem.with_suffix(suffix) for suffix in (".job.json", ".result.json", ".log"))
     job_file.write_text(json.dumps(job))
@@ -207,13 +224,22 @@ def run_config(name: str, job: dict) -> dict:
     return {**json.loads(result_file.read_text()), "load_average": (load_before, os.getloadavg()[0])}
 
 
+def run_child(job_file: Path, result_file: Path, run) -> None:
+    """In a child process: one configuration, its job in, its result out, at the job's torch threads."""
+    job = json.loads(job_file.read_text())
+    if job["threads"]:
+        import torch
+
+        torch.set_num_threads(job["threads"])
+    result_file.write_text(json.dumps(run(job)))
+
+
 def relative_difference(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
 def report(results: dict[str, dict], job: dict) -> str:
     names = list(results)
-    trl = results.get("trl")
 
     def row(label: str, values, fmt: str = "{:12.2f}") -> str:
         return f"{label:38}" + "".join(fmt.format(v) for v in values)
@@ -225,8 +251,8 @@ def report(results: dict[str, dict], job: dict) -> str:
         return r["setup_seconds"] + sum(r["step_seconds"])
 
     lines = [f"{job['steps']} steps x {PAIRS_PER_STEP} pairs ({len(job['pairs'])} pairs: one epoch), demo model, "
-             f"CPU fp32, torch threads: {job['threads'] or 'default'}, "
-             f"TRL gradient_checkpointing={job['trl_gradient_checkpointing']}",
+             f"CPU fp32, torch threads: {job['threads'] or 'default'}; trl: TRL's defaults, trl-tuned: "
+             "no gradient checkpointing, precompute_ref_log_probs=True",
              row("", names, "{:>12}"),
              row("wall s/step (median of steps 2..N)", [median_after_warmup(r, "step_seconds") for r in results.values()]),
              row("CPU s/step (median of steps 2..N)", [median_after_warmup(r, "step_cpu_seconds") for r in results.values()]),
@@ -240,11 +266,12 @@ def report(results: dict[str, dict], job: dict) -> str:
     lines.append(row("LoRA A checksum", [r["lora_a_checksum"] for r in results.values()], "{:12.6f}"))
     lines.append("load average (1 min) before/after: " + ", ".join(
         f"{n} {r['load_average'][0]:.1f}/{r['load_average'][1]:.1f}" for n, r in results.items()))
-    if trl:
+    for trl_name in ("trl", "trl-tuned"):
+        trl = results.get(trl_name)
         for name, ours in results.items():
-            if name == "trl":
+            if trl is None or name.startswith("trl"):
                 continue
-            lines.append(f"TRL / {name}: wall s/step x{median_after_warmup(trl, 'step_seconds') / median_after_warmup(ours, 'step_seconds'):.2f}, "
+            lines.append(f"{trl_name} / {name}: wall s/step x{median_after_warmup(trl, 'step_seconds') / median_after_warmup(ours, 'step_seconds'):.2f}, "
                          f"CPU s/step x{median_after_warmup(trl, 'step_cpu_seconds') / median_after_warmup(ours, 'step_cpu_seconds'):.2f}, "
                          f"end-to-end x{end_to_end(trl) / end_to_end(ours):.2f}, "
                          f"peak RSS x{trl['peak_rss_mb'] / ours['peak_rss_mb']:.2f}; step-1 rel. diff: " + ", ".join(
@@ -256,9 +283,10 @@ def report(results: dict[str, dict], job: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=48, help="pairs to train on: one epoch of steps")
-    parser.add_argument("--configs", default="ours:1,ours:4,trl",
-                        help="what to run: ours:<pairs per forward pass>, trl (comma-separated)")
-    parser.add_argument("--trl-no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--configs", default="ours:4,trl,trl-tuned",
+                        help="what to run: ours:<pairs per forward pass>, trl, trl-tuned (comma-separated)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny random model and 8 made-up pairs (2 steps): checks that the bench runs")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per side (default: torch's choice); 1 makes CPU seconds a steady "
                              "measure of work when other processes share the cores")
@@ -266,28 +294,29 @@ def main() -> None:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.job:  # a child process: one configuration, job in, result out
-        job = json.loads(args.job.read_text())
-        if job["threads"]:
-            import torch
-
-            torch.set_num_threads(job["threads"])
-        args.result.write_text(json.dumps(run_ours(job) if job["side"] == "ours" else run_trl(job)))
+    if args.job:
+        run_child(args.job, args.result, run_ours if json.loads(args.job.read_text())["side"] == "ours" else run_trl)
         return
 
     from studio.core.models import ModelSource, resolve_folder
+    from studio.core.tiny import build_tiny_model_folder
 
+    global OUT
+    if args.smoke:  # its own folder: a smoke run may go on beside a real one
+        OUT = OUT / "smoke"
+        model_folder = build_tiny_model_folder(Path(tempfile.mkdtemp(prefix="studio-bench-")) / "tiny")
+        pairs = generated_pairs(2 * PAIRS_PER_STEP)
+    else:
+        model_folder, pairs = resolve_folder(ModelSource("demo")), load_pairs(args.pairs)
     OUT.mkdir(parents=True, exist_ok=True)
-    pairs = load_pairs(args.pairs)
     steps = len(pairs) // PAIRS_PER_STEP
-    order = our_pair_order(pairs, steps * PAIRS_PER_STEP)
-    job = {"pairs": pairs, "ordered_pairs": [pairs[i] for i in order], "steps": steps,
-           "trl_gradient_checkpointing": not args.trl_no_gradient_checkpointing, "threads": args.threads,
-           "model_folder": str(resolve_folder(ModelSource("demo")))}
+    order = our_pair_order(pairs, steps * PAIRS_PER_STEP, str(model_folder))
+    job = {"pairs": pairs, "ordered_pairs": [pairs[i] for i in order], "steps": steps, "threads": args.threads,
+           "model_folder": str(model_folder)}
     results = {}
     for name in args.configs.split(","):
         results[name] = run_config(name, job)
-        assert name == "trl" or results[name]["order"] == order, f"{name} did not visit the pairs in the expected order"
+        assert name.startswith("trl") or results[name]["order"] == order, f"{name} did not visit the pairs in the expected order"
         print(f"{name} done", file=sys.stderr)
     print(report(results, job))
     (OUT / "report.json").write_text(json.dumps({"job": {k: v for k, v in job.items() if "pairs" not in k},

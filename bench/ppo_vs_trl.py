@@ -1,6 +1,7 @@
 """Seconds per PPO step: TRL 0.29.1's PPOTrainer against the studio's engine, same work, same machine.
 
     .venv/bin/python bench/ppo_vs_trl.py [--steps 6] [--warmup 2] [--threads 1] [--skip-trl] [--rules-only]
+    .venv/bin/python bench/ppo_vs_trl.py --smoke [--skip-trl]   # tiny random model, 2 steps: does it run?
 
 Both sides: the demo model (SmolLM2-135M-Instruct, fp32), the same prompts, 8 prompts per step,
 48 new tokens (sampled at temperature 0.7, top_p 1), 1 PPO epoch of 1 minibatch, LoRA r=16 on all
@@ -52,14 +53,16 @@ def steady_median(seconds: list[float], warmup: int) -> float:
 
 # --- the studio side --------------------------------------------------------------------------
 
-def run_studio(prompts: list, steps: int, reward_sources: list[dict] | None = None) -> list[dict]:
-    """Per-step metrics of a PPO run through runs.execute on a fresh demo project (reward: the
-    demo rule preset unless `reward_sources` are given)."""
+def run_studio(prompts: list, steps: int, reward_sources: list[dict] | None = None,
+               model_folder: Path | None = None) -> list[dict]:
+    """Per-step metrics of a PPO run through runs.execute on a fresh project on the demo model (or
+    `model_folder`); reward: the demo rule preset unless `reward_sources` are given."""
     sys.path.insert(0, str(ROOT))
     from studio.core import rewards, runs, store
 
     with tempfile.TemporaryDirectory() as folder:
-        project = store.Project.create(Path(folder) / "bench", base_model={"kind": "demo"})
+        base_model = {"kind": "folder", "path": str(model_folder)} if model_folder else {"kind": "demo"}
+        project = store.Project.create(Path(folder) / "bench", base_model=base_model)
         store.add_dataset(project.db, "prompts", "prompts", [{"prompt": p} for p in prompts])
         config = runs.make_config("ppo", {
             "max_steps": steps, "checkpoint_every": steps, "prompts_per_step": PROMPTS_PER_STEP,
@@ -176,7 +179,11 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true", help="time the studio only")
     parser.add_argument("--rules-only", action="store_true",
                         help="time the studio with the rule reward only, not also with a reward model")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny random model, 2 steps, median of the second: checks that the bench runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.warmup = 2, 1
 
     sys.path.insert(0, str(ROOT))
     import torch
@@ -184,8 +191,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from studio.core.models import ModelSource, resolve_folder
+    from studio.core.tiny import build_tiny_model_folder
 
-    model_folder = resolve_folder(ModelSource("demo"))
+    if args.smoke:
+        model_folder = build_tiny_model_folder(Path(tempfile.mkdtemp(prefix="studio-bench-")) / "tiny")
+    else:
+        model_folder = resolve_folder(ModelSource("demo"))
     prompts = load_prompts(PROMPTS_PER_STEP * args.steps)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); load average at start {os.getloadavg()}", flush=True)
@@ -196,12 +207,12 @@ def main() -> None:
     if trl:
         print(f"TRL {trl['versions']['trl']} (torch {trl['torch']}, {trl['versions']}): "
               f"{[round(s, 2) for s in trl['seconds']]}", flush=True)
-    results = {"the demo rule reward": run_studio(prompts, args.steps)}
+    results = {"the demo rule reward": run_studio(prompts, args.steps, model_folder=model_folder)}
     if not args.rules_only:
         with tempfile.TemporaryDirectory() as folder:
             reward_model = save_reward_model_copy(model_folder, Path(folder) / "reward-model")
             results["a reward model, copy of the base (as TRL)"] = run_studio(
-                prompts, args.steps, [{"type": "reward_model", "path": str(reward_model)}])
+                prompts, args.steps, [{"type": "reward_model", "path": str(reward_model)}], model_folder)
     theirs = steady_median(trl["seconds"], args.warmup) if trl else None
     print(f"\nload average now {os.getloadavg()}")
     if trl:

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train headless (Ctrl-C stops cleanly at a step boundary)")
     train.add_argument("dir", type=Path)
-    train.add_argument("--method", choices=["dpo", "ppo"])
+    train.add_argument("--method", choices=["dpo", "ppo", "grpo", "rloo"])
     train.add_argument("--config", type=Path, help="JSON file of settings")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting (value parsed as JSON when it can be)")
@@ -140,7 +140,10 @@ def cmd_import(args) -> int:
 
     if args.preview:
         loaded = datasets.preview(args.file)
-        print(f"{args.file}: {loaded.fmt}, {loaded.kind}")
+        print(f"{args.file}: {loaded.fmt}, {loaded.kind}" + (f" (TRL {loaded.trl_format})" if loaded.trl_format else ""))
+        print(loaded.summary())
+        for column, use in loaded.column_plan():
+            print(f"  column {column!r}: {use}")
         for row in loaded.rows:
             print(json.dumps(row, ensure_ascii=False)[:200])
         for error in loaded.errors:
@@ -184,7 +187,7 @@ def cmd_train(args) -> int:
             method = store.get_run(project.db, run_id)["method"]
         else:
             if not args.method:
-                raise runs.ConfigError("--method dpo|ppo is required for a new run")
+                raise runs.ConfigError("--method dpo|ppo|grpo|rloo is required for a new run")
             overrides = json.loads(args.config.read_text()) if args.config else {}
             for item in args.set:
                 key, _, value = item.partition("=")
@@ -201,7 +204,8 @@ def cmd_train(args) -> int:
 
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",
-                "objective/rlhf_reward", "tokens_per_second", "step_seconds")
+                "objective/rlhf_reward", "reward", "kl", "completions/mean_length", "tokens_per_second",
+                "step_seconds")
 
 
 def print_record(record: dict) -> None:

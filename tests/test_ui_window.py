@@ -273,10 +273,10 @@ def test_closing_during_a_run_stops_it_cleanly_with_a_checkpoint(qtbot, make_win
 def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_project):
     import dataclasses
 
-    from studio.core import dpo, ppo
+    from studio.core import dpo, grpo, ppo, rloo
 
     setup = window_with_project.run_setup
-    for method, module in (("dpo", dpo), ("ppo", ppo)):
+    for method, module in (("dpo", dpo), ("ppo", ppo), ("grpo", grpo), ("rloo", rloo)):
         form = setup.page(method).form
         expected = {f.name for f in dataclasses.fields(module.Config)} - {"method", "parent_checkpoint_id", "reward_sources"}
         assert set(form.editors) == expected
@@ -293,6 +293,9 @@ def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_pro
     rewards.add_row({"type": "length_band", "weight": 0.5})
     added = rewards.value()[-1]
     assert added["type"] == "length_band" and added["weight"] == 0.5 and added["max"] == 60
+    setup.apply_preset("Shape with GRPO")
+    assert setup.current_method() == "grpo" and setup.page("grpo").form.values()["beta"] == 0.04
+    assert setup.page("grpo").rewards.value() == grpo.Config().reward_sources
     setup.apply_preset("Settle with DPO")
     assert setup.current_method() == "dpo" and setup.page("dpo").form.values()["beta"] == 0.1
 

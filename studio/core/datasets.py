@@ -93,6 +93,29 @@ class LoadedFile:
     kind: str  # "prompts" | "preference"; "" when no row was valid and no kind was asked for
     rows: list[dict]
     errors: list[DataError] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)  # every key or column seen, in order of appearance
+    trl_format: str = ""  # the TRL dataset format of the first valid row (TRL's name for it)
+    feedback: list[dict] = field(default_factory=list)  # unpaired preference rows: prompt, completion, label
+    unpaired: int = 0  # feedback rows with no partner of the opposite label for the same prompt
+    row_count: int = 0  # valid rows (pairs, for unpaired preference) in the whole file; `rows` may hold fewer
+
+    def column_plan(self) -> list[tuple[str, str]]:
+        """(column, what the import does with it) for every column seen; unused ones say 'ignored'."""
+        return [(column, COLUMN_USES.get(self.trl_format, {}).get(column, "ignored")) for column in self.columns]
+
+    def summary(self) -> str:
+        """One line on what importing this file gives, counts included."""
+        if self.feedback:
+            return (f"{_count(len(self.feedback), 'unpaired preference row')}: "
+                    f"{_count(self.row_count, 'preference pair')} (completions of one prompt with opposite labels), "
+                    f"{_count(self.unpaired, 'row')} left unpaired; every row is also kept as unpaired feedback")
+        if self.trl_format == "prompt-completion":
+            return f"{self.row_count} prompts, each with its completion kept as a reference answer"
+        return f"{self.row_count} {self.kind} rows" if self.kind else "nothing to import"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -123,7 +146,8 @@ def import_file(db: Database, path: str | os.PathLike, name: str | None = None,
     if errors:
         raise DataImportError(path.name, errors)
     return store.add_dataset(db, name or path.stem, loaded.kind, loaded.rows,
-                             source_file=str(path.resolve()), fmt=loaded.fmt, is_eval=as_eval)
+                             source_file=str(path.resolve()), fmt=loaded.fmt, is_eval=as_eval,
+                             feedback=loaded.feedback)
 
 
 def export_preference_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
@@ -183,7 +207,10 @@ def _load(path: Path, kind: str | None, keep_rows: int | None) -> LoadedFile:
     rows: list[dict] = []
     errors: list[DataError] = []
     detected: tuple[str, int] | None = None  # (kind, row it was detected from)
-    seen = 0
+    seen, valid = 0, 0
+    columns: dict[str, None] = {}  # every key seen, in order
+    feedback: list[dict] = []
+    first_format = ""
     try:
         for item in _READERS[fmt](path.resolve(), name, kind):
             if isinstance(item, DataError):
@@ -191,17 +218,23 @@ def _load(path: Path, kind: str | None, keep_rows: int | None) -> LoadedFile:
                 continue
             number, raw = item
             seen += 1
+            columns.update(dict.fromkeys(raw))
             if kind is None and detected and detected[0] == "prompts" and _shape(raw) == "preference":
                 errors.append(DataError(name, number, None, "a preference pair in a file of prompts "
                                         f"(detected from row {detected[1]})"))
                 continue
             row_kind = kind or (detected[0] if detected else _shape(raw))
-            record, problems = _prompt_record(raw) if row_kind == "prompts" else _preference_record(raw)
+            record, problems = _trl_record(raw, row_kind)
             errors.extend(DataError(name, number, p.field, p.message) for p in problems)
             if record is None:
                 continue
             if kind is None and detected is None:
                 detected = (row_kind, number)
+            first_format = first_format or trl_format(raw)
+            if "label" in record:  # paired up below, once every row is in
+                feedback.append(record)
+                continue
+            valid += 1
             if keep_rows is None or len(rows) < keep_rows:
                 rows.append(record)
     except OSError as e:
@@ -210,7 +243,10 @@ def _load(path: Path, kind: str | None, keep_rows: int | None) -> LoadedFile:
         errors.append(DataError(name, None, None, "the file is empty" if path.stat().st_size == 0
                                 else "the file has no data rows"))
     found_kind = kind or (detected[0] if detected else "")
-    return LoadedFile(str(path), fmt, found_kind, rows, errors)
+    pairs, unpaired = pair_feedback(feedback)
+    rows += pairs[:max(0, keep_rows - len(rows))] if keep_rows is not None else pairs
+    return LoadedFile(str(path), fmt, found_kind, rows, errors, list(columns), first_format, feedback, unpaired,
+                      valid + len(pairs))
 
 
 def _file_problem(path: Path, fmt: str) -> str | None:
@@ -239,7 +275,7 @@ TOO_DEEP = "values nested too deeply to read (hundreds of levels of [ or {)"
 
 def _shape(raw: dict) -> str:
     """The kind a row looks like on its own."""
-    return "preference" if "chosen" in raw or "rejected" in raw else "prompts"
+    return "preference" if "chosen" in raw or "rejected" in raw or trl_format(raw) == "unpaired preference" else "prompts"
 
 
 # --- readers: yield (row number, dict) or DataError -------------------------------------------
@@ -331,7 +367,7 @@ def _read_csv(path: Path, name: str, kind: str | None) -> Iterator[tuple[int, di
             if problem:
                 yield problem
                 return
-            index = {key: columns.index(key) for key in FIELDS if key in columns}
+            index = {key: columns.index(key) for key in dict.fromkeys(columns)}  # every column: the preview lists them
             for cells in reader:
                 if not cells:
                     continue  # a blank line is not a data row
@@ -377,7 +413,7 @@ def _read_parquet(path: Path, name: str, kind: str | None) -> Iterator[tuple[int
         if problem:
             yield problem
             return
-        wanted = [key for key in FIELDS if key in columns]
+        wanted = [key for key in (*FIELDS, "completion", "label") if key in columns]
         for batch in parquet.iter_batches(columns=wanted, batch_size=1024):
             for raw in batch.to_pylist():
                 number += 1
@@ -392,9 +428,13 @@ _READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet
 
 def _check_columns(columns: list[str], kind: str | None, name: str) -> DataError | None:
     """For tables (CSV, Parquet): the columns the kind needs, once for the whole file."""
+    shape = trl_format(dict.fromkeys(columns))
+    if shape == "language modeling" and kind != "prompts":
+        return DataError(name, None, None, LANGUAGE_MODELING.replace("row", "file", 1))
     if kind is None:
-        kind = "preference" if "chosen" in columns or "rejected" in columns else "prompts"
-    needed = ("chosen", "rejected") if kind == "preference" else ("prompt",)
+        kind = _shape(dict.fromkeys(columns))
+    needed = (("prompt", "completion", "label") if shape == "unpaired preference" and kind == "preference"
+              else ("chosen", "rejected") if kind == "preference" else ("prompt",))
     for key in needed:
         if key not in columns:
             found = ", ".join(repr(c) for c in columns) or "none"
@@ -403,6 +443,92 @@ def _check_columns(columns: list[str], kind: str | None, name: str) -> DataError
         if columns.count(key) > 1:
             return DataError(name, None, key, "the column appears more than once")
     return None
+
+
+# --- TRL's dataset formats: which one a row is in, and what the import makes of it -------------
+
+PAIR_COLUMNS = {"prompt": "the prompt", "chosen": "the preferred response", "rejected": "the other response"}
+COLUMN_USES = {  # TRL format -> column -> what the import does with it
+    "prompt-only": {"prompt": "the prompt"},
+    "prompt-completion": {"prompt": "the prompt",
+                          "completion": "kept as the prompt's reference answer (compare view, a pair's chosen side)"},
+    "preference": PAIR_COLUMNS,
+    "unpaired preference": {"prompt": "the prompt",
+                            "completion": "kept as unpaired feedback; paired with a completion of the same "
+                                          "prompt with the opposite label",
+                            "label": "True: a good completion (the chosen side of its pairs), False: a bad one"},
+}
+LANGUAGE_MODELING = ("a language-modeling row ('messages' or 'text', no 'prompt'): TRL trains on these with "
+                     "SFT, which the studio does not do. The studio trains on prompts (PPO, GRPO, RLOO) and "
+                     "preference pairs (DPO): to shape on these conversations, give each row a 'prompt' (the "
+                     "messages up to the last user turn) and import it as prompts")
+
+
+def trl_format(raw: dict) -> str:
+    """The TRL dataset format a row is in, by TRL's names for them."""
+    if "label" in raw and "completion" in raw:
+        return "unpaired preference"
+    if "chosen" in raw or "rejected" in raw:
+        return "preference"
+    if "completion" in raw:
+        return "prompt-completion"
+    if "prompt" in raw:
+        return "prompt-only"
+    if "messages" in raw or "text" in raw:
+        return "language modeling"
+    return "unknown"
+
+
+def _trl_record(raw: dict, kind: str) -> tuple[dict | None, list["_Invalid"]]:
+    """The record of a row of the given kind, in whichever TRL format it comes."""
+    row_format = trl_format(raw)
+    if row_format == "language modeling":
+        return None, [_Invalid(None, LANGUAGE_MODELING)]
+    if kind == "preference":
+        return _feedback_record(raw) if row_format == "unpaired preference" else _preference_record(raw)
+    record, problems = _prompt_record(raw)
+    if record is not None and row_format == "prompt-completion":
+        try:
+            record["reference"] = _completion_value(raw, record["prompt"])
+        except _Invalid as e:
+            return None, [e]
+    return record, problems
+
+
+def _completion_value(raw: dict, prompt: Any) -> str | list[dict]:
+    """A completion: text after a text prompt, assistant messages after a conversational one."""
+    completion = _field_value(raw, "completion")
+    if isinstance(completion, list) != isinstance(prompt, list):
+        raise _Invalid("completion", "is a list of messages, but the prompt is text" if isinstance(completion, list)
+                       else "is text, but the prompt is a list of messages")
+    if isinstance(completion, list):
+        _check_response(completion, "completion")
+    return completion
+
+
+def _feedback_record(raw: dict) -> tuple[dict | None, list["_Invalid"]]:
+    try:
+        prompt = _field_value(raw, "prompt")
+        completion = _completion_value(raw, prompt)
+    except _Invalid as e:
+        return None, [e]
+    label = raw["label"]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV cells are text
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        return None, [_Invalid("label", f"expected true or false, got {_type_name(label)}")]
+    return {"prompt": prompt, "completion": completion, "label": label}, []
+
+
+def pair_feedback(feedback: list[dict]) -> tuple[list[dict], int]:
+    """(preference pairs, rows left unpaired): within each prompt, the k-th good completion is paired
+    with the k-th bad one, in file order; each row is in one pair at most."""
+    groups: dict[str, tuple[list, list]] = {}
+    for row in feedback:
+        groups.setdefault(json.dumps(row["prompt"], sort_keys=True), ([], []))[0 if row["label"] else 1].append(row)
+    pairs = [{"prompt": good["prompt"], "chosen": good["completion"], "rejected": bad["completion"]}
+             for goods, bads in groups.values() for good, bad in zip(goods, bads)]
+    return pairs, len(feedback) - 2 * len(pairs)
 
 
 # --- checking one row -------------------------------------------------------------------------
@@ -509,7 +635,10 @@ def _check_messages(value: list, key: str) -> list[dict]:
             raise _Invalid(key, f"message {i} content must be text, got {_type_name(content)}")
         _check_text(content, key, f"content of message {i}")
         total += len(content)
-        messages.append({"role": role, "content": content})  # other message keys are dropped
+        message_record = {"role": role, "content": content}  # other message keys are dropped, but
+        if isinstance(message.get("thinking"), str):  # a harmony-style reasoning trace, rendered by the chat template
+            message_record["thinking"] = message["thinking"]
+        messages.append(message_record)
     if total > MAX_FIELD_CHARS:
         raise _Invalid(key, f"messages hold {total:,} characters; the limit is {MAX_FIELD_CHARS:,}")
     return messages

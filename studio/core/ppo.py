@@ -197,6 +197,11 @@ def select_data(config: Config, db) -> dict:
                         for row in training_prompts(db, config.prompt_dataset_ids)]}
 
 
+def run_prompts(data) -> tuple[list[int], dict]:
+    """(ids of the prompts a shaping run trains on, {id: prompt}) from its TrainingData."""
+    return [row["id"] for row in data.prompts], {row["id"]: row["prompt"] for row in data.prompts}
+
+
 def validate(config: Config, db) -> list[str]:
     problems = []
     at_least_one = ("prompts_per_step", "max_new_tokens", "ppo_epochs", "num_minibatches", "max_steps", "kl_horizon")
@@ -221,6 +226,12 @@ def validate(config: Config, db) -> list[str]:
         problems.append(f"missing_eos_penalty must not be negative (got {config.missing_eos_penalty})")
     if config.reward_clip is not None and not config.reward_clip > 0:
         problems.append(f"reward_clip must be positive (got {config.reward_clip})")
+    return problems + data_problems(config, db)
+
+
+def data_problems(config, db) -> list[str]:
+    """What a shaping run (PPO, GRPO, RLOO) needs from the project: training prompts and usable reward sources."""
+    problems = []
     if config.prompt_dataset_ids is not None:
         usable = {r["dataset_id"] for r in store.prompts(db, train_only=True)}
         problems += [f"dataset {i} is not a training prompt dataset of this project"
@@ -242,6 +253,16 @@ def prompt_indices(seed: int, step: int, per_step: int, num_prompts: int) -> lis
     """The prompts of `step`: the next `per_step` positions of a seeded permutation per epoch."""
     positions = range(step * per_step, (step + 1) * per_step)
     return [epoch_order(seed, p // num_prompts, num_prompts)[p % num_prompts] for p in positions]
+
+
+def saved_prompt_ids(state: dict, prompts_by_id: dict) -> list[int]:
+    """The prompt ids a checkpoint's run started with. Prompts imported since then stay out of the
+    run: the data order stays the same."""
+    prompt_ids = state["prompt_ids"].tolist()
+    missing = [i for i in prompt_ids if i not in prompts_by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} of the run's training prompts are no longer in the project")
+    return prompt_ids
 
 
 # --- rollouts ---------------------------------------------------------------------------------
@@ -272,6 +293,53 @@ class Rollout:
         return positions < self.lengths[:, None]
 
 
+def sample_rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, top_p: float,
+                   stop_ids: list[int], device: str) -> Rollout:
+    """Sample one response per prompt with the global RNG (whose state every checkpoint holds).
+    Log-probs are not taken from sampling but from `forward_responses`."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_ids, prompt_mask = left_pad(encoded, tokenizer.pad_token_id, device)
+    with autocast(device):
+        generated = sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, tokenizer.pad_token_id,
+                           temperature, top_p)
+    lengths, finished = response_lengths(generated, stop_ids)
+    responses = generated[:, :int(lengths.max())]
+    response_mask = torch.arange(responses.shape[1], device=device) < lengths[:, None]
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True)
+             for row, n in zip(responses.tolist(), lengths.tolist())]
+    return Rollout(prompts, torch.cat([prompt_ids, responses], dim=1),
+                   torch.cat([prompt_mask, response_mask.long()], dim=1), prompt_ids.shape[1],
+                   lengths, finished, texts)
+
+
+class ResponseForward(NamedTuple):
+    output: object  # the model's output (hidden states in it when asked for)
+    predicting: torch.Tensor  # the positions whose logits predict a response token
+    logprobs: torch.Tensor  # [rows, response width] of the response tokens, at the sampling temperature
+    vocab_logprobs: torch.Tensor  # [rows, response width, vocab]: log-softmax of the logits at the temperature
+
+
+def forward_responses(model, rollout: Rollout, rows: torch.Tensor, temperature: float, device: str,
+                      hidden_states: bool = False) -> ResponseForward:
+    """The policy's log-probs at the response positions of rollout rows `rows`: one forward pass.
+
+    The LM head runs only on the positions that predict a response token (logits_to_keep).
+    """
+    attention_mask = rollout.attention_mask[rows]
+    width, length = rollout.responses.shape[1], rollout.input_ids.shape[1]
+    # Position i predicts token i + 1: the positions before each response token, the last one left out.
+    # As indices (not a count), the LM head gets a contiguous input: one plain matmul, not a batched one.
+    predicting = torch.arange(length - width - 1, length - 1, device=device)
+    with autocast(device):
+        output = model(input_ids=rollout.input_ids[rows], attention_mask=attention_mask,
+                       position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+                       logits_to_keep=predicting, output_hidden_states=hidden_states, use_cache=False)
+    # One vocabulary-sized log-softmax serves the sampled tokens' log-probs and the entropy.
+    vocab_logprobs = torch.log_softmax(output.logits.float() / temperature, dim=-1)
+    logprobs = vocab_logprobs.gather(-1, rollout.responses[rows].unsqueeze(-1)).squeeze(-1)
+    return ResponseForward(output, predicting, logprobs, vocab_logprobs)
+
+
 class ForwardOutput(NamedTuple):
     logprobs: torch.Tensor  # [rows, response width] of the response tokens, at the sampling temperature
     values: torch.Tensor  # [rows, response width] value-head estimate before each response token
@@ -283,9 +351,7 @@ class ForwardOutput(NamedTuple):
 class Engine:
     def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
-        rows = data.prompts
-        self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
-        self.prompts_by_id = {row["id"]: row["prompt"] for row in rows}
+        self.prompt_ids, self.prompts_by_id = run_prompts(data)  # the run's prompts, fixed when it starts
         self.stop_ids = stop_token_ids(tokenizer, policy)
         policy.eval()  # for the whole run: see the module docstring
 
@@ -304,44 +370,20 @@ class Engine:
     # -- the one forward pass: rollout statistics and training both use it --
 
     def forward(self, rollout: Rollout, rows: torch.Tensor) -> ForwardOutput:
-        """Log-probs, values and logits at the response positions of rollout rows `rows`.
-
-        The LM head runs only on the positions that predict a response token (logits_to_keep).
-        """
-        attention_mask = rollout.attention_mask[rows]
-        width, length = rollout.responses.shape[1], rollout.input_ids.shape[1]
-        # Position i predicts token i + 1: the positions before each response token, the last one left out.
-        # As indices (not a count), the LM head gets a contiguous input: one plain matmul, not a batched one.
-        predicting = torch.arange(length - width - 1, length - 1, device=self.device)
+        """Log-probs, values and logits at the response positions of rollout rows `rows`."""
+        forward = forward_responses(self.model, rollout, rows, self.config.temperature, self.device,
+                                    hidden_states=True)
         with autocast(self.device):
-            output = self.model(input_ids=rollout.input_ids[rows], attention_mask=attention_mask,
-                                position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
-                                logits_to_keep=predicting, output_hidden_states=True, use_cache=False)
-            values = self.value_head(output.hidden_states[-1][:, predicting]).squeeze(-1).float()
-        # One vocabulary-sized log-softmax serves the sampled tokens' log-probs and the entropy.
-        vocab_logprobs = torch.log_softmax(output.logits.float() / self.config.temperature, dim=-1)
-        logprobs = vocab_logprobs.gather(-1, rollout.responses[rows].unsqueeze(-1)).squeeze(-1)
-        return ForwardOutput(logprobs, values, vocab_logprobs)
+            values = self.value_head(forward.output.hidden_states[-1][:, forward.predicting]).squeeze(-1).float()
+        return ForwardOutput(forward.logprobs, values, forward.vocab_logprobs)
 
     # -- rollout and scoring --
 
     @torch.no_grad()
     def generate(self, prompts: list) -> Rollout:
-        """Sample one response per prompt with the global RNG (whose state every checkpoint holds).
-        Log-probs are not taken from sampling but from `forward`."""
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        prompt_ids, prompt_mask = left_pad(encoded, self.tokenizer.pad_token_id, self.device)
-        with autocast(self.device):
-            generated = sample(self.model, prompt_ids, prompt_mask, self.config.max_new_tokens, self.stop_ids,
-                               self.tokenizer.pad_token_id, self.config.temperature, self.config.top_p)
-        lengths, finished = response_lengths(generated, self.stop_ids)
-        responses = generated[:, :int(lengths.max())]
-        response_mask = torch.arange(responses.shape[1], device=self.device) < lengths[:, None]
-        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True)
-                 for row, n in zip(responses.tolist(), lengths.tolist())]
-        return Rollout(prompts, torch.cat([prompt_ids, responses], dim=1),
-                       torch.cat([prompt_mask, response_mask.long()], dim=1), prompt_ids.shape[1],
-                       lengths, finished, texts)
+        config = self.config
+        return sample_rollout(self.model, self.tokenizer, prompts, config.max_new_tokens, config.temperature,
+                              config.top_p, self.stop_ids, self.device)
 
     def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scores used for training, each reward source's raw scores)."""
@@ -477,12 +519,7 @@ class Engine:
                 "prompt_ids": torch.tensor(self.prompt_ids)}
 
     def load_extra_state(self, state: dict) -> None:
-        # Prompts imported since the run started stay out of it: the data order stays the same.
-        prompt_ids = state["prompt_ids"].tolist()
-        missing = [i for i in prompt_ids if i not in self.prompts_by_id]
-        if missing:
-            raise ValueError(f"{len(missing)} of the run's training prompts are no longer in the project")
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = saved_prompt_ids(state, self.prompts_by_id)
         self.value_head.load_state_dict(state["value_head"])
         self.kl_controller.coef = float(state["kl_coef"])
         self.normalizer.load_state_dict(state["reward_normalizer"])

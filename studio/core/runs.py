@@ -45,7 +45,8 @@ from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
 
-ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
+ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo", "grpo": "studio.core.grpo",
+                  "rloo": "studio.core.rloo"}
 
 
 class ConfigError(StudioError):

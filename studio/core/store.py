@@ -115,6 +115,17 @@ def m003_portable_checkpoints(db: Database) -> None:
         db["checkpoints"].update(row["id"], {"path": f"runs/{row['run_id']}/{Path(row['path']).name}"})
 
 
+@migrations()
+def m004_reference_answers_and_feedback(db: Database) -> None:
+    """A prompt's reference answer (TRL's prompt-completion rows), and unpaired feedback (TRL's unpaired
+    preference rows: a completion labelled good or bad), kept whole for KTO-style use."""
+    db["prompts"].add_column("reference", str)
+    db["feedback"].create(
+        {"id": int, "dataset_id": int, "prompt": str, "completion": str, "label": int},
+        pk="id", foreign_keys=[("dataset_id", "datasets", "id")], not_null={"prompt", "completion", "label"},
+    )
+
+
 class ProjectError(StudioError):
     """A project that cannot be created or opened, with a message meant for the user."""
 
@@ -417,11 +428,13 @@ def set_setting(db: Database, key: str, value: Any) -> None:
 # --- datasets, prompts, pairs -----------------------------------------------------------------
 
 def add_dataset(db: Database, name: str, kind: str, rows: list[dict], source_file: str = "",
-                fmt: str = "", is_eval: bool = False) -> int:
+                fmt: str = "", is_eval: bool = False, feedback: list[dict] = ()) -> int:
     """Store a dataset and all its rows in one transaction: all or nothing.
 
-    kind "prompts": rows have "prompt"; kind "preference": rows have "prompt", "chosen", "rejected".
-    Values may be strings or conversational message lists; they are stored as JSON.
+    kind "prompts": rows have "prompt" (and may have a "reference" answer); kind "preference": rows have
+    "prompt", "chosen", "rejected", and `feedback` may hold the unpaired rows ("prompt", "completion",
+    "label") they were paired from. Values may be strings or conversational message lists; they are
+    stored as JSON.
     """
     if kind not in ("prompts", "preference"):
         raise ValueError(f"unknown dataset kind {kind!r}")
@@ -435,14 +448,33 @@ def add_dataset(db: Database, name: str, kind: str, rows: list[dict], source_fil
         ).last_pk
         if kind == "prompts":
             db["prompts"].insert_all(
-                ({"dataset_id": dataset_id, "prompt": json.dumps(r["prompt"]), "is_eval": int(is_eval)}
+                ({"dataset_id": dataset_id, "prompt": json.dumps(r["prompt"]), "is_eval": int(is_eval),
+                  "reference": json.dumps(r["reference"]) if "reference" in r else None}
                  for r in rows), batch_size=500)
         else:
             db["pairs"].insert_all(
                 ({"dataset_id": dataset_id, "prompt": json.dumps(r["prompt"]),
                   "chosen": json.dumps(r["chosen"]), "rejected": json.dumps(r["rejected"]),
                   "created_at": now} for r in rows), batch_size=500)
+        if feedback:
+            db["feedback"].insert_all(
+                ({"dataset_id": dataset_id, "prompt": json.dumps(r["prompt"]),
+                  "completion": json.dumps(r["completion"]), "label": int(r["label"])} for r in feedback),
+                batch_size=500)
     return dataset_id
+
+
+def feedback(db: Database) -> list[dict]:
+    """Unpaired feedback rows: prompt, completion, label (True: good)."""
+    return [{**row, "prompt": json.loads(row["prompt"]), "completion": json.loads(row["completion"]),
+             "label": bool(row["label"])}
+            for row in db.query("SELECT id, dataset_id, prompt, completion, label FROM feedback ORDER BY id")]
+
+
+def reference_answers(db: Database) -> dict[int, Any]:
+    """Prompt id -> its reference answer, for the prompts that came with one."""
+    return {row["id"]: json.loads(row["reference"])
+            for row in db.query("SELECT id, reference FROM prompts WHERE reference IS NOT NULL ORDER BY id")}
 
 
 def datasets(db: Database) -> list[dict]:

@@ -19,12 +19,13 @@ import numpy as np
 # Dashboard sections in display order; a metric not listed (nor matched by a prefix) goes to "Other".
 METRIC_GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("Loss", ("loss", "loss/policy_avg", "loss/value_avg")),
-    ("Reward", ("objective/rlhf_reward", "objective/scores", "objective/non_score_reward")),
+    ("Reward", ("objective/rlhf_reward", "objective/scores", "objective/non_score_reward", "reward", "reward_std",
+                "frac_reward_zero_std")),
     ("Margins and accuracy", ("rewards/margins", "rewards/accuracies")),
     ("Chosen and rejected rewards", ("rewards/chosen", "rewards/rejected")),
     ("Log-probs", ("logps/chosen", "logps/rejected")),
-    ("KL", ("objective/kl", "kl_coef", "policy/approxkl_avg")),
-    ("Entropy", ("objective/entropy",)),
+    ("KL", ("objective/kl", "kl_coef", "policy/approxkl_avg", "kl")),
+    ("Entropy", ("objective/entropy", "entropy")),
     ("Clipping", ("policy/clipfrac_avg", "val/clipfrac_avg", "val/ratio")),
     ("Responses", ("response_length_mean", "stop_token_rate")),
     ("Optimisation", ("grad_norm", "learning_rate")),
@@ -34,7 +35,8 @@ METRIC_GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("Progress", ("samples_seen", "epoch")),
     ("Other", ()),
 ]
-GROUP_PREFIXES = {"reward/": "Reward"}  # PPO logs one reward/<source> per reward source
+GROUP_PREFIXES = {"reward/": "Reward", "rewards/": "Reward",  # per reward source: PPO reward/<s>, GRPO/RLOO rewards/<s>/*
+                  "clip_ratio/": "Clipping", "completions/": "Responses"}
 
 # Left-axis label per metric: (text, SI unit or None). An SI unit lets pyqtgraph scale ticks (s -> ms).
 METRIC_UNITS: dict[str, tuple[str, str | None]] = {
@@ -52,6 +54,10 @@ METRIC_UNITS: dict[str, tuple[str, str | None]] = {
     "objective/kl": ("nats", None),
     "policy/approxkl_avg": ("nats", None),
     "objective/entropy": ("nats", None),
+    "kl": ("nats per token", None),
+    "entropy": ("nats", None),
+    "completions/mean_length": ("tokens", None),
+    "completions/clipped_ratio": ("fraction", None),
     "logps/chosen": ("log-prob (nats)", None),
     "logps/rejected": ("log-prob (nats)", None),
     "samples_seen": ("samples", None),
@@ -298,12 +304,13 @@ class RunData:
         return x if x is not None and np.isfinite(x).any() else None
 
     def _kl_from_base(self) -> np.ndarray | None:
-        """PPO: objective/kl. DPO: mean log-ratio policy/reference of the chosen and rejected
+        """PPO: objective/kl (nats per response). GRPO, RLOO: kl (nats per token). DPO: mean log-ratio policy/reference of the chosen and rejected
         answers, (rewards/chosen + rewards/rejected) / (2 beta), since rewards/* = beta * log-ratio.
         That is a KL estimate on the preference data, not on the policy's own samples, and it can be
         negative."""
-        if "objective/kl" in self.columns:
-            return self.columns["objective/kl"].data
+        for name in ("objective/kl", "kl"):
+            if name in self.columns:
+                return self.columns[name].data
         if {"rewards/chosen", "rewards/rejected"} <= self.columns.keys() and self.beta:
             return (self.values("rewards/chosen") + self.values("rewards/rejected")) / (2 * self.beta)
         return None
@@ -312,7 +319,7 @@ class RunData:
         return {
             "samples": "no samples_seen logged",
             "wall": "no step times",
-            "kl": "no objective/kl, nor rewards/chosen and rewards/rejected with a beta",
+            "kl": "no objective/kl or kl, nor rewards/chosen and rewards/rejected with a beta",
         }.get(axis, "no value for this axis")
 
     def curve(self, metric: str, x: np.ndarray, weight: float) -> Curve | None:

@@ -52,7 +52,7 @@ def wait_for_background_jobs(msecs: int = 30000) -> bool:
     return QThreadPool.globalInstance().waitForDone(msecs)
 
 
-def load_engines(methods: tuple[str, ...] = ("dpo", "ppo")) -> dict:
+def load_engines(methods: tuple[str, ...] = ("dpo", "ppo", "grpo", "rloo")) -> dict:
     """Import torch, the engines and the reward catalogue (slow: call it in the background).
 
     Returns {"device": (device, dtype), "engines": {method: module or error text},

@@ -54,6 +54,7 @@ X_AXIS_TIPS = {
     "samples": "Training samples seen (samples_seen).",
     "wall": "Seconds since the run's first record (pauses included).",
     "kl": ("PPO: objective/kl, the KL of the policy from the reference on its own samples.\n"
+           "GRPO, RLOO: kl, the same per token (mean over the completions' tokens).\n"
            "DPO: mean log-ratio policy/reference over the chosen and rejected answers,\n"
            "(rewards/chosen + rewards/rejected) / (2 beta), with beta from the run config:\n"
            "an estimate on the preference data, which can be negative."),

@@ -26,7 +26,8 @@ from PySide6.QtWidgets import (
 
 from . import DANGER, WARNING, hint_label, icon
 
-METHODS = (("dpo", "DPO"), ("ppo", "PPO"))
+METHODS = (("dpo", "DPO"), ("ppo", "PPO"), ("grpo", "GRPO"), ("rloo", "RLOO"))
+SHAPING_METHODS = ("ppo", "grpo", "rloo")  # learn from reward signals on the policy's own samples
 
 # One line per hyper-parameter, for fields whose engine gives no help of its own.
 HELP = {
@@ -98,6 +99,9 @@ PRESETS = {
     "Shape with PPO": ("ppo", {"kl_coef": 0.05},
                        "Shape behaviour with reward signals: the policy explores, rewards steer it, "
                        "the KL penalty keeps it near the base model."),
+    "Shape with GRPO": ("grpo", {"beta": 0.04, "num_generations": 4},
+                        "Shape behaviour with reward signals, no value model: each prompt gets a group "
+                        "of answers, and each answer is judged against its group's average."),
     "Settle with DPO": ("dpo", {"beta": 0.1, "loss_type": "sigmoid"},
                         "Settle behaviour on preference pairs you trust: no sampling, steady and "
                         "cheap; beta keeps it close to the reference."),
@@ -650,7 +654,7 @@ class RunSetupPanel(QWidget):
         presets = QHBoxLayout()
         self.preset_buttons: dict[str, QPushButton] = {}
         for name, (method, _overrides, text) in PRESETS.items():
-            button = QPushButton(icon("fa6s.wand-magic-sparkles" if method == "ppo" else "fa6s.scale-balanced"), name)
+            button = QPushButton(icon("fa6s.wand-magic-sparkles" if method in SHAPING_METHODS else "fa6s.scale-balanced"), name)
             button.setToolTip(f"{text}\nResets the {method.upper()} form to this preset.")
             button.clicked.connect(lambda _c=False, n=name: self.apply_preset(n))
             presets.addWidget(button)
@@ -788,8 +792,9 @@ class RunSetupPanel(QWidget):
             db = self.project.db
             if method == "dpo" and not store.count_rows(db, "pairs"):
                 text = "Import preference pairs to start a DPO run (Data panel, or drop a file on the window)."
-            elif method == "ppo" and not store.count_rows(db, "prompts", "is_eval = 0"):
-                text = "Import training prompts to start a PPO run (Data panel, or drop a file on the window)."
+            elif method in SHAPING_METHODS and not store.count_rows(db, "prompts", "is_eval = 0"):
+                text = (f"Import training prompts to start a {method.upper()} run "
+                        "(Data panel, or drop a file on the window).")
         self.hint.setText(text)
         self.hint.setVisible(bool(text))
 

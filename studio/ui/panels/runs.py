@@ -25,7 +25,7 @@ _Index = QModelIndex | QPersistentModelIndex
 
 # Shown in the "Last metrics" column when present, in this order (TRL's names).
 HEADLINE_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "objective/rlhf_reward",
-                    "objective/scores", "objective/kl", "policy/approxkl_avg")
+                    "objective/scores", "objective/kl", "policy/approxkl_avg", "reward", "kl")
 NOT_A_METRIC = ("step", "time", "step_seconds")
 
 STATUS_STYLE = {  # status -> (icon, colour)

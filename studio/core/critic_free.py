@@ -1,0 +1,273 @@
+"""What the critic-free shaping engines (GRPO, RLOO) share: groups of completions, their scores and
+log-probs, the update loop, and TRL's completion and reward metrics.
+
+Each step:
+
+1. **Rollout**: ``prompts_per_step`` prompts, each repeated ``num_generations`` times in a row (a
+   group, as TRL's RepeatSampler lays them out), sampled in one batch with PPO's rollout function
+   (``ppo.sample_rollout``: the KV-cache loop of ``generation.sample``, masks from lengths).
+2. **Score**: the reward sources score each completion (their weighted sum is the reward); the
+   reference (the same model with its adapter disabled) gives per-token log-probs when ``beta`` > 0.
+3. **Advantages**: one number per completion, from its group; the engine module says how.
+4. **Update**: ``num_iterations`` optimizer steps (TRL's μ) on the same completions. Each step's
+   gradient is accumulated over ``num_minibatches`` chunks of the batch; the loss is normalised by
+   totals over the whole batch, so chunking saves memory without changing the update. The importance
+   ratio is new / sampling-time log-probs: exactly 1 in the first iteration, whose forward passes
+   also give the sampling-time log-probs (the policy has not moved yet, so no extra pass is needed).
+
+A step here is one generation round. TRL counts each of the μ optimizer steps as a step; with the
+default μ = 1 both count the same. The learning-rate schedule advances once per step, as PPO's does.
+No value head: the policy is the only trained thing, so a checkpoint holds the adapter, optimizer,
+scheduler, RNG and the run's prompt ids, and a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from . import distributed, rewards
+from .generation import stop_token_ids
+from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, run_prompts,
+                  sample_rollout, saved_prompt_ids, select_data)
+from .runs import ConfigError, TrainConfig, make_optimizer, peak_memory_mb
+
+
+# --- the maths every critic-free engine uses --------------------------------------------------
+
+def group_view(values: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """[prompts * num_generations] -> [prompts, num_generations]: a group's completions are adjacent."""
+    return values.view(-1, num_generations)
+
+
+def completion_statistics(lengths: torch.Tensor, finished: torch.Tensor) -> dict[str, float]:
+    """TRL's completions/* metrics: lengths in tokens (the stop token counted), the share cut off at the
+    length limit (clipped_ratio), and the lengths of those that ended with a stop token."""
+    lengths = lengths.float()
+    terminated = lengths[finished] if bool(finished.any()) else torch.zeros(1)
+    return {"completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": (~finished).float().mean().item(),
+            "completions/mean_terminated_length": terminated.mean().item(),
+            "completions/min_terminated_length": terminated.min().item(),
+            "completions/max_terminated_length": terminated.max().item()}
+
+
+def reward_statistics(total: torch.Tensor, breakdown: dict[str, torch.Tensor],
+                      num_generations: int) -> dict[str, float]:
+    """TRL's reward metrics: the weighted reward's mean and std over the batch, the share of
+    completions whose group has one reward for all (no signal: advantage 0), each source's raw mean and std."""
+    group_std = group_view(total, num_generations).std(dim=1)
+    return {"reward": total.mean().item(), "reward_std": total.std().item(),
+            "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item(),
+            **{f"rewards/{name}/{kind}": getattr(scores, kind)().item()
+               for name, scores in breakdown.items() for kind in ("mean", "std")}}
+
+
+class BatchSize(NamedTuple):
+    """Totals over the whole generation batch that the loss is normalised by (any chunk of it sees them)."""
+
+    sequences: int  # completions in the batch
+    tokens: int  # completion tokens that count in the loss (after masking)
+    max_completion_length: int
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+@dataclass
+class Config(TrainConfig):
+    prompts_per_step: int = 4  # distinct prompts per step; each gets num_generations completions
+    num_generations: int = 4  # completions per prompt: the group its advantages are measured in
+    max_completion_length: int = 48  # longest completion; one is cut there if it has not stopped
+    temperature: float = 1.0  # sampling temperature (TRL's default); log-probs use the same temperature
+    top_p: float = 1.0  # nucleus sampling; log-probs still come from the full distribution (as TRL)
+    num_iterations: int = 1  # optimizer steps on each batch of completions (TRL's μ), with the importance ratio
+    num_minibatches: int = 1  # chunks each update's gradient is accumulated over: memory only, same update
+    beta: float = 0.0  # weight of the KL to the reference (0: no reference pass); each method sets its default
+    epsilon: float = 0.2  # the importance ratio is clipped to 1 - epsilon ...
+    epsilon_high: float | None = None  # ... and 1 + epsilon_high (None: epsilon; DAPO's clip-higher uses 0.28)
+    mask_truncated_completions: bool = False  # completions cut at the length limit count for nothing (DAPO)
+    reward_sources: list[dict] = field(default_factory=rewards.demo_preset)  # see rewards.describe_sources()
+    prompt_dataset_ids: list[int] | None = None  # prompt datasets to train on; None: every non-eval one
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+def validate(config: Config, db) -> list[str]:
+    """Problems with the settings every critic-free engine shares, then with the project's data."""
+    problems = []
+    at_least_one = ("prompts_per_step", "max_completion_length", "num_iterations", "num_minibatches", "max_steps")
+    problems += [f"{name} must be at least 1 (got {getattr(config, name)})"
+                 for name in at_least_one if getattr(config, name) < 1]
+    if config.num_generations < 2:
+        problems.append(f"num_generations must be at least 2: a group of one has no baseline "
+                        f"(got {config.num_generations})")
+    positive = ("temperature", "epsilon", "learning_rate")
+    problems += [f"{name} must be positive (got {getattr(config, name)})"
+                 for name in positive if not getattr(config, name) > 0]
+    if config.epsilon_high is not None and not config.epsilon_high > 0:
+        problems.append(f"epsilon_high must be positive (got {config.epsilon_high})")
+    if not config.beta >= 0:
+        problems.append(f"beta must not be negative (got {config.beta})")
+    if not 0 < config.top_p <= 1:
+        problems.append(f"top_p must be in (0, 1] (got {config.top_p})")
+    completions = config.prompts_per_step * config.num_generations
+    if config.num_minibatches > completions:
+        problems.append(f"num_minibatches ({config.num_minibatches}) cannot exceed the completions per step "
+                        f"({completions} = prompts_per_step x num_generations)")
+    return problems + data_problems(config, db)
+
+
+# --- the engine: the loop; subclasses give the advantages and the loss ------------------------
+
+class Iteration(NamedTuple):
+    """One optimizer step's view of the batch, for the metrics (all detached, whole batch)."""
+
+    logprobs: torch.Tensor  # [completions, width] under the policy before this step's update
+    entropy: float  # mean over counted tokens of the next-token distribution's entropy
+    loss: float
+
+
+class Engine:
+    """Subclasses define ``advantages``, ``loss`` and ``iteration_statistics`` (their maths), and may
+    set ``advantages_need_logprobs`` when the advantages use the sampling-time log-probs (RLOO's KL)."""
+
+    advantages_need_logprobs = False
+
+    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
+        if distributed.world_size() > 1:
+            raise ConfigError("GRPO and RLOO train in one process for now: launch the bundle without "
+                              "torchrun / accelerate (DPO and PPO run data-parallel)")
+        self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
+        self.prompt_ids, self.prompts_by_id = run_prompts(data)  # the run's prompts, fixed when it starts
+        self.stop_ids = stop_token_ids(tokenizer, policy)
+        policy.eval()  # for the whole run: no dropout, so sampling and training passes agree (as TRL)
+        self.parameters = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = make_optimizer(config, self.parameters)
+        self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, data.reward_root, device)
+
+    # -- the maths of the method --
+
+    def advantages(self, scores: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor | None,
+                   ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def loss(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
+             advantages: torch.Tensor, mask: torch.Tensor, batch: BatchSize) -> torch.Tensor:
+        raise NotImplementedError
+
+    def iteration_statistics(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                             ref_logprobs: torch.Tensor | None, advantages: torch.Tensor,
+                             mask: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- rollout and scoring --
+
+    def chunks(self, rollout: Rollout) -> tuple[torch.Tensor, ...]:
+        return torch.arange(len(rollout)).tensor_split(self.config.num_minibatches)
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """[completions, width] log-probs of the completions under the current model, chunk by chunk."""
+        return torch.cat([forward_responses(self.model, rollout, rows, self.config.temperature, self.device).logprobs
+                          for rows in self.chunks(rollout)])
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        """Under the reference (the adapter disabled); None when beta is 0 and nothing needs them."""
+        if self.config.beta == 0:
+            return None
+        with self.model.disable_adapter():
+            return self.logprobs(rollout)
+
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        """The completion tokens that count: none of a truncated completion's when they are masked."""
+        if self.config.mask_truncated_completions:
+            return rollout.mask & rollout.finished[:, None]
+        return rollout.mask
+
+    # -- the update --
+
+    def iterate(self, rollout: Rollout, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                advantages: torch.Tensor, mask: torch.Tensor) -> Iteration:
+        """One optimizer step: forward, loss and backward chunk by chunk, then clip and step."""
+        config = self.config
+        batch = BatchSize(len(rollout), int(mask.sum()), config.max_completion_length)
+        logprobs, entropy_sum, loss_sum = torch.zeros(mask.shape, device=mask.device), 0.0, 0.0
+        for rows in self.chunks(rollout):
+            forward = forward_responses(self.model, rollout, rows, config.temperature, self.device)
+            old = forward.logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+            loss = self.loss(forward.logprobs, old, None if ref_logprobs is None else ref_logprobs[rows],
+                             advantages[rows], mask[rows], batch)
+            loss.backward()
+            logprobs[rows] = forward.logprobs.detach()
+            with torch.no_grad():
+                entropy_sum += torch.where(mask[rows], entropy_from_logprobs(forward.vocab_logprobs), 0).sum().item()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return Iteration(logprobs, entropy_sum / max(batch.tokens, 1), loss_sum)
+
+    def optimize(self, rollout: Rollout, scores: torch.Tensor, ref_logprobs: torch.Tensor | None) -> dict:
+        """Advantages, then the num_iterations optimizer steps; returns the step's statistics."""
+        mask = self.loss_mask(rollout)
+        # The sampling-time log-probs: taken from the first iteration's own forward passes, unless the
+        # advantages need them before it.
+        old_logprobs = self.logprobs(rollout) if self.advantages_need_logprobs else None
+        advantages, statistics = self.advantages(scores, mask, old_logprobs, ref_logprobs)
+        history = []
+        for _ in range(self.config.num_iterations):
+            iteration = self.iterate(rollout, old_logprobs, ref_logprobs, advantages, mask)
+            old_logprobs = iteration.logprobs if old_logprobs is None else old_logprobs
+            history.append({"loss": iteration.loss, "entropy": iteration.entropy,
+                            **self.iteration_statistics(iteration.logprobs, old_logprobs, ref_logprobs,
+                                                        advantages, mask)})
+        # As TRL logs them: the mean over the step's optimizer steps.
+        return {**statistics, **{name: sum(h[name] for h in history) / len(history) for name in history[0]}}
+
+    def train_step(self, step: int) -> dict:
+        config = self.config
+        started = time.perf_counter()
+        indices = prompt_indices(config.seed, step, config.prompts_per_step, len(self.prompt_ids))
+        prompts = [self.prompts_by_id[self.prompt_ids[i]] for i in indices for _ in range(config.num_generations)]
+        with torch.no_grad():
+            rollout = sample_rollout(self.model, self.tokenizer, prompts, config.max_completion_length,
+                                     config.temperature, config.top_p, self.stop_ids, self.device)
+        generated = time.perf_counter()
+        scores, breakdown = self.reward_function(rollout.prompts, rollout.texts)
+        scores = scores.to(self.device)
+        ref_logprobs = self.reference_logprobs(rollout)
+        scored = time.perf_counter()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        statistics = self.optimize(rollout, scores, ref_logprobs)
+        self.scheduler.step()
+        trained = time.perf_counter()
+        return {
+            **statistics,
+            **reward_statistics(scores.cpu(), breakdown, config.num_generations),
+            **completion_statistics(rollout.lengths.cpu(), rollout.finished.cpu()),
+            "learning_rate": learning_rate,
+            "samples_seen": (step + 1) * len(rollout),
+            "tokens_per_second": int(rollout.attention_mask.sum()) / (trained - started),
+            "time/generation": generated - started,
+            "time/scoring": scored - generated,
+            "time/training": trained - scored,
+            "memory/peak_mb": peak_memory_mb(self.device),
+        }
+
+    # -- checkpoint state beyond adapter, optimizer, scheduler and RNG --
+
+    def extra_state(self) -> dict:
+        return {"prompt_ids": torch.tensor(self.prompt_ids)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.prompt_ids = saved_prompt_ids(state, self.prompts_by_id)
+
