@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one setting (value parsed as JSON when it can be)")
     train.add_argument("--name")
     train.add_argument("--resume", type=int, metavar="RUN_ID", help="continue a stopped or interrupted run")
+    train.add_argument("--report-to", metavar="TRACKERS",
+                       help="also send metrics to tensorboard,trackio,wandb (or none); "
+                            "default: the project's report_to setting")
 
     export = commands.add_parser("export", help="export labelled pairs, an adapter or a merged model")
     export.add_argument("dir", type=Path)
@@ -142,10 +145,12 @@ def cmd_runs(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from studio.core import runs, store
+    from studio.core import runs, store, trackers
 
     with store.Project.open(args.dir) as project:
         if args.resume is not None:
+            if args.report_to is not None:
+                raise runs.ConfigError("--report-to sets up a new run; a resumed run reports where it did")
             run_id = args.resume
             method = store.get_run(project.db, run_id)["method"]
         else:
@@ -155,6 +160,8 @@ def cmd_train(args) -> int:
             for item in args.set:
                 key, _, value = item.partition("=")
                 overrides[key] = parse_value(value)
+            if args.report_to is not None:
+                overrides["report_to"] = trackers.parse_report_to(args.report_to)
             config = runs.make_config(args.method, overrides)
             run_id = runs.create_run(project.db, config, name=args.name)
             method = args.method

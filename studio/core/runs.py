@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import store
+from . import store, trackers
 from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
@@ -64,6 +64,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 64  # greedy samples of the eval prompts at every checkpoint
     device: str = "auto"  # "auto" picks CUDA (bf16 autocast), then MPS, then CPU
     parent_checkpoint_id: int | None = None  # start (and reference) = this checkpoint
+    report_to: str | list[str] | None = None  # trackers, e.g. "tensorboard,trackio,wandb"; none: the project's
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,6 +125,10 @@ def make_config(method: str, overrides: dict | None = None) -> TrainConfig:
 def create_run(db, config: TrainConfig, name: str | None = None) -> int:
     """Validate `config` against the project and record a queued run; returns its id."""
     problems = engine_module(config.method).validate(config, db)
+    try:
+        trackers.parse_report_to(config.report_to)
+    except trackers.TrackerError as exc:
+        problems.append(str(exc))
     if config.parent_checkpoint_id is not None:
         store.get_checkpoint(db, config.parent_checkpoint_id)  # raises if missing
     if problems:
@@ -315,6 +320,7 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
     run_dir = project_path / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     sink = MetricsSink(db, run_id)
+    reporter = None
     store.set_run_status(db, run_id, "running")
     try:
         torch.manual_seed(config.seed)
@@ -327,6 +333,7 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
         step = resume_from_last_checkpoint(db, run_id, engine)
         if step:
             log(f"Resumed from the checkpoint at step {step}")
+        reporter = trackers.open_run(db, run_id, run_dir, step, log)
         last_saved = step
         while step < config.max_steps:
             if control.paused:
@@ -343,16 +350,19 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
             record = {"step": step, "time": time.time(), **record,
                       "step_seconds": time.perf_counter() - started}
             sink.add(record)
+            reporter.log(record)
             if on_metrics is not None:
                 on_metrics(record)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 sink.flush()
-                save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+                checkpoint_id = save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+                reporter.log_samples(step, trackers.sample_rows(db, checkpoint_id))
                 last_saved = step
                 log(f"Checkpoint saved at step {step}")
         sink.flush()
         if step != last_saved:
-            save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+            checkpoint_id = save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+            reporter.log_samples(step, trackers.sample_rows(db, checkpoint_id))
             log(f"Checkpoint saved at step {step}")
         status = "completed" if step >= config.max_steps else "stopped"
         store.set_run_status(db, run_id, status)
@@ -363,4 +373,6 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
         store.set_run_status(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        if reporter is not None:
+            reporter.close()
         db.close()
