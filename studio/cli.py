@@ -52,13 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also send metrics to tensorboard,trackio,wandb (or none); "
                             "default: the project's report_to setting")
 
-    export = commands.add_parser("export", help="export labelled pairs, an adapter or a merged model")
+    export = commands.add_parser("export", help="export labelled pairs, an adapter, a merged model or a GGUF file")
     export.add_argument("dir", type=Path)
     export.add_argument("out", type=Path)
     what = export.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", action="store_true", help="labelled pairs as TRL preference JSONL")
     what.add_argument("--adapter", type=int, metavar="CHECKPOINT_ID", help="PEFT adapter folder")
     what.add_argument("--merged", type=int, metavar="CHECKPOINT_ID", help="full model folder (transformers)")
+    what.add_argument("--gguf", type=int, metavar="CHECKPOINT_ID",
+                      help="merged model as GGUF (llama.cpp, Ollama) with an Ollama Modelfile")
+    export.add_argument("--quant", default="f16", help="GGUF tensor type: f16 (default), q8_0, bf16 or f32")
     return parser
 
 
@@ -183,7 +186,7 @@ def print_record(record: dict) -> None:
 
 
 def cmd_export(args) -> int:
-    from studio.core import runs, store
+    from studio.core import export, store
 
     with store.Project.open(args.dir, read_only=True) as project:
         if args.labels:
@@ -192,9 +195,12 @@ def cmd_export(args) -> int:
             count = export_preference_jsonl(store.labelled_pairs(project.db), args.out)
             print(f"Exported {count} labelled pairs to {args.out}")
         elif args.adapter is not None:
-            print(f"Adapter written to {runs.export_adapter(project.db, args.adapter, args.out)}")
+            print(f"Adapter written to {export.export_adapter(project.db, args.adapter, args.out)} (card: README.md)")
+        elif args.merged is not None:
+            print(f"Merged model written to {export.export_merged(project.db, args.merged, args.out)} (card: README.md)")
         else:
-            print(f"Merged model written to {runs.export_merged(project.db, args.merged, args.out)}")
+            path = export.export_gguf(project.db, args.gguf, args.out, args.quant)
+            print(f"GGUF written to {path}, with Modelfile and README.md beside it")
     return 0
 
 
