@@ -68,6 +68,16 @@ def export_gguf(db, checkpoint_id: int, out_dir: Path | str, quant: str = "f16")
     return out_file
 
 
+def export_gguf_in_project(project_path: Path | str, checkpoint_id: int, out_dir: Path | str,
+                           quant: str = "f16") -> Path:
+    """:func:`export_gguf` on a connection of its own, for a worker thread of the window."""
+    db = store.connect(project_path)
+    try:
+        return export_gguf(db, checkpoint_id, out_dir, quant)
+    finally:
+        db.close()
+
+
 # --- GGUF -------------------------------------------------------------------------------------
 
 def write_gguf(folder: Path, out_file: Path, quant: str, name: str, pre_tokenizer: str | None = None) -> None:
