@@ -160,3 +160,20 @@ def test_trackio_local_store_reads_back_the_metrics_and_config(project, make_toy
     assert [loss for _, loss in seen["losses"]] == pytest.approx(losses)
     assert seen["tables"] == [3, 6]
     assert seen["config"]["max_steps"] == 6 and seen["config"]["method"] == "toy"
+
+
+def test_wandb_offline_takes_metrics_and_samples_without_a_failure(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import time
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account
+    run = trackers.RunInfo(project="wandb-test", run_id=1, run_name="DPO #1", run_dir=tmp_path,
+                           config={"beta": 0.1, "dataset_ids": [1, 2]})
+    lines = []
+    reporter = trackers.Reporter(["wandb"], run, lines.append)
+    for step in (1, 2, 3):
+        reporter.log({"step": step, "time": time.time(), "loss": 1.0 / step})
+    reporter.log_samples(3, [{"prompt": "user: Hi", "completion": "Hello!"}])
+    reporter.close()
+    assert lines == ["Reporting metrics to W&B"]  # any failure would have been reported here
+    assert list(tmp_path.glob(f"wandb/offline-run-*-{run.unique_id}/run-{run.unique_id}.wandb"))

@@ -127,46 +127,45 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class Trackio:
+class WandbLike:
+    """Trackio copies W&B's API: `run.log(dict, step=)` and a `Table(columns, data)` type."""
+
+    library = None  # the imported module: trackio or wandb
+    run = None
+
+    def log(self, step: int, metrics: dict, walltime: float) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        table = self.library.Table(columns=["prompt", "completion"],
+                                   data=[[row["prompt"], row["completion"]] for row in rows])
+        self.run.log({"eval_samples": table}, step=step)
+
+
+class Trackio(WandbLike):
     def __init__(self, run: RunInfo) -> None:
         import trackio
 
-        self.trackio = trackio
+        self.library = trackio
         with contextlib.redirect_stdout(io.StringIO()):  # its banner would interleave with our log
             self.run = trackio.init(project=run.project, name=f"{run.run_name} ({run.unique_id})",
                                     config=run.config, resume="allow", embed=False,
                                     auto_log_cpu=False, auto_log_gpu=False)
 
-    def log(self, step: int, metrics: dict, walltime: float) -> None:
-        self.run.log(metrics, step=step)
-
-    def log_samples(self, step: int, rows: list[dict]) -> None:
-        table = self.trackio.Table(columns=["prompt", "completion"],
-                                   data=[[row["prompt"], row["completion"]] for row in rows])
-        self.run.log({"eval_samples": table}, step=step)
-
     def close(self) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
-            self.trackio.finish()  # the module's: it also forgets the run, so exit does not finish it again
+            self.library.finish()  # the module's: it also forgets the run, so exit does not finish it again
 
 
-class Wandb:
+class Wandb(WandbLike):
     def __init__(self, run: RunInfo) -> None:
         import wandb
 
-        self.wandb = wandb
+        self.library = wandb
         # login_timeout: a missing login fails after a short prompt instead of holding the run.
         self.run = wandb.init(project=run.project, name=run.run_name, id=run.unique_id, resume="allow",
                               config=run.config, dir=run.run_dir,
                               settings=wandb.Settings(login_timeout=10, silent=True))
-
-    def log(self, step: int, metrics: dict, walltime: float) -> None:
-        self.run.log(metrics, step=step)
-
-    def log_samples(self, step: int, rows: list[dict]) -> None:
-        table = self.wandb.Table(columns=["prompt", "completion"],
-                                 data=[[row["prompt"], row["completion"]] for row in rows])
-        self.run.log({"eval_samples": table}, step=step)
 
     def close(self) -> None:
         self.run.finish()
