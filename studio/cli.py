@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'demo' (default), a local Hugging Face folder, or a .gguf file")
     init.add_argument("--allow-pickle", action="store_true",
                       help="accept .bin (pickle) weights in a local folder; they can run code when loaded")
+    init.add_argument("--report-to", metavar="TRACKERS",
+                      help="the project's default trackers for runs: tensorboard,trackio,wandb")
 
     demo = commands.add_parser("demo", help="create the demo project (model + bundled data)")
     demo.add_argument("dir", type=Path, nargs="?")
@@ -84,8 +86,9 @@ def cmd_gui(args) -> int:
 
 
 def cmd_init(args) -> int:
+    from studio.core import trackers
     from studio.core.models import ModelSource, resolve_folder
-    from studio.core.store import Project
+    from studio.core.store import Project, set_setting
 
     if args.model == "demo":
         source = ModelSource("demo")
@@ -94,7 +97,10 @@ def cmd_init(args) -> int:
         kind = "gguf" if model_path.suffix == ".gguf" else "folder"
         source = ModelSource(kind, str(model_path), allow_pickle=args.allow_pickle)
         resolve_folder(source)  # refuse a model that cannot load, before creating anything
+    report_to = trackers.parse_report_to(args.report_to)  # refuse a typo before creating anything
     with Project.create(args.dir, name=args.name, base_model=source.to_json()) as project:
+        if report_to:
+            set_setting(project.db, "report_to", report_to)
         print(f"Created project {project.path} on {source.describe()}")
     return 0
 

@@ -165,3 +165,15 @@ def test_demo_gguf_answers_as_the_merged_model_does(tmp_path):
         expected = merged.generate(ids, max_new_tokens=24, do_sample=False)
         got = reloaded.generate(ids, max_new_tokens=24, do_sample=False)
         assert got.tolist() == expected.tolist(), tokenizer.decode(expected[0, ids.shape[1]:])
+
+
+def test_cli_exports_gguf_and_names_a_bad_quant_type(project, checkpoint_id, tmp_path, capsys):
+    from studio.cli import main
+
+    project.close()  # the CLI opens the project itself
+    assert main(["export", str(project.path), str(tmp_path / "g"), "--gguf", str(checkpoint_id),
+                 "--quant", "q8_0"]) == 0
+    assert f"GGUF written to {tmp_path / 'g' / 'model-q8_0.gguf'}" in capsys.readouterr().out
+    assert main(["export", str(project.path), str(tmp_path / "h"), "--gguf", str(checkpoint_id),
+                 "--quant", "q4_k_m"]) == 2
+    assert "Unknown GGUF type 'q4_k_m'; expected one of f16, q8_0, bf16, f32" in capsys.readouterr().err

@@ -177,3 +177,30 @@ def test_wandb_offline_takes_metrics_and_samples_without_a_failure(tmp_path, mon
     reporter.close()
     assert lines == ["Reporting metrics to W&B"]  # any failure would have been reported here
     assert list(tmp_path.glob(f"wandb/offline-run-*-{run.unique_id}/run-{run.unique_id}.wandb"))
+
+
+def test_cli_init_stores_the_projects_trackers_and_refuses_a_typo(tmp_path, tiny_model_dir, capsys):
+    from studio.cli import main
+
+    assert main(["init", str(tmp_path / "p"), "--model", str(tiny_model_dir), "--report-to", "tensorboard"]) == 0
+    with store.Project.open(tmp_path / "p", read_only=True) as project:
+        assert store.get_setting(project.db, "report_to") == ["tensorboard"]
+    assert main(["init", str(tmp_path / "q"), "--model", str(tiny_model_dir), "--report-to", "tensorbord"]) == 2
+    assert "Unknown tracker(s) in report_to: tensorbord" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_train_reports_to_tensorboard(tmp_path, tiny_model_dir, capsys):
+    from studio.cli import main
+
+    folder = tmp_path / "p"
+    assert main(["init", str(folder), "--model", str(tiny_model_dir)]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n")
+    assert main(["import", str(folder), str(pairs)]) == 0
+    assert main(["train", str(folder), "--method", "dpo", "--set", "max_steps=2", "--set", "batch_size=1",
+                 "--set", "eval_max_new_tokens=1", "--report-to", "tensorboard"]) == 0
+    assert "[run 1] Reporting metrics to TensorBoard" in capsys.readouterr().out
+    assert [step for step, _ in tensorboard_scalars(folder / "runs" / "1" / "tensorboard")["loss"]] == [1, 2]
+    assert main(["train", str(folder), "--resume", "1", "--report-to", "wandb"]) == 2
+    assert "a resumed run reports where it did" in capsys.readouterr().err
