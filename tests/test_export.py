@@ -147,7 +147,13 @@ def test_demo_gguf_answers_as_the_merged_model_does(tmp_path):
 
     project_path = ensure_demo_project(tmp_path / "demo")
     with store.Project.open(project_path) as project:
-        run_id = runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 1, "eval_max_new_tokens": 4}))
+        few = store.add_dataset(project.db, "two pairs", "preference", [  # a short reference pass
+            {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
+        config = runs.make_config("dpo", {"max_steps": 1, "batch_size": 2, "dataset_ids": [few],
+                                          "include_labels": False, "learning_rate": 1e-3,
+                                          "eval_max_new_tokens": 2})
+        run_id = runs.create_run(project.db, config)
         runs.execute(project.path, run_id)
         checkpoint = store.checkpoints(project.db, run_id)[-1]["id"]
         merged_dir = runs.export_merged(project.db, checkpoint, tmp_path / "merged")

@@ -100,7 +100,8 @@ class TensorBoard:
         from torch.utils.tensorboard.summary import hparams
 
         # purge_step: events a killed run wrote after its last checkpoint are hidden on resume.
-        self.writer = SummaryWriter(run.run_dir / "tensorboard",
+        # flush_secs: a dashboard open during the run sees each step within seconds.
+        self.writer = SummaryWriter(run.run_dir / "tensorboard", flush_secs=5,
                                     purge_step=run.start_step + 1 if run.start_step else None)
         if not run.start_step:
             for summary in hparams({k: _hyperparameter(v) for k, v in run.config.items()}, {}):
