@@ -72,6 +72,26 @@ def test_gguf_loads_in_transformers_with_the_merged_models_logits(project, check
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # q/k rows reordered and back
 
 
+def test_gguf_takes_rope_settings_from_transformers_5_and_older_configs(tmp_path, tiny_model_dir):
+    import shutil
+
+    import gguf
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    for key, value, theta in (("rope_parameters", {"rope_theta": 12345.0, "rope_type": "default"}, 12345.0),
+                              ("rope_theta", 54321.0, 54321.0)):
+        config.pop("rope_parameters", None)
+        config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        export.write_gguf(folder, tmp_path / "x.gguf", "f16", "x")
+        assert gguf.GGUFReader(tmp_path / "x.gguf").get_field("llama.rope.freq_base").contents() == theta
+    config["rope_parameters"] = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(export.ExportError, match="'llama3' scaling"):
+        export.write_gguf(folder, tmp_path / "y.gguf", "f16", "y")
+
+
 def test_q8_0_stores_matrices_quantised(project, checkpoint_id, tmp_path):
     import gguf
 

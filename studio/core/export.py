@@ -90,9 +90,11 @@ def write_gguf(folder: Path, out_file: Path, quant: str, name: str, pre_tokenize
         raise ExportError(
             f"GGUF export supports Llama-family models ({', '.join(GGUF_ARCHITECTURES)}); this model is "
             f"{model_type!r}. Export the merged model and convert it with llama.cpp's convert_hf_to_gguf.py.")
-    if config.get("rope_scaling"):
-        raise ExportError("GGUF export does not handle rope_scaling yet; export the merged model and "
-                          "convert it with llama.cpp's convert_hf_to_gguf.py")
+    # transformers 5 keeps rope settings in rope_parameters; older folders have rope_theta/rope_scaling
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ExportError(f"GGUF export handles plain RoPE only, not {rope.get('rope_type', rope.get('type'))!r} "
+                          "scaling; export the merged model and convert it with llama.cpp's convert_hf_to_gguf.py")
     arch = GGUF_ARCHITECTURES[model_type]
     blocks, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -107,7 +109,7 @@ def write_gguf(folder: Path, out_file: Path, quant: str, name: str, pre_tokenize
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(head_dim)
@@ -316,7 +318,8 @@ def base_hub_id(base: ModelSource) -> str | None:
     if base.kind != "folder":
         return None
     config = Path(base.path or "") / "config.json"
-    name = json.loads(config.read_text()).get("_name_or_path", "") if config.exists() else ""
+    settings = json.loads(config.read_text()) if config.exists() else {}
+    name = settings.get("_name_or_path") or settings.get("_model_name_or_path") or ""
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     return name if looks_like_hub_id and not Path(name).exists() else None
 
