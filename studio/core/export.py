@@ -280,7 +280,6 @@ def write_card(db, checkpoint_id: int, out_dir: Path, kind: str, **details) -> P
 
 
 def model_card(db, checkpoint_id: int, kind: str, gguf_file: str | None = None, quant: str | None = None) -> str:
-    checkpoint = store.get_checkpoint(db, checkpoint_id)
     chain = runs.checkpoint_chain(db, checkpoint_id)
     chain_runs = [store.get_run(db, c["run_id"]) for c in chain]
     base = ModelSource.from_json(store.get_setting(db, "base_model"))
@@ -304,7 +303,7 @@ def model_card(db, checkpoint_id: int, kind: str, gguf_file: str | None = None, 
         lines += [f"| {key} | {_cell(value)} |" for key, value in run["config"].items()]
         lines += ["", *_metrics_section(db, run["id"], checkpoint_row["step"]), ""]
     lines += _data_section(db, chain_runs)
-    lines += _advisor_section(db, checkpoint["run_id"])
+    lines += _advisor_section(db, chain_runs)
     return "\n".join(lines) + "\n"
 
 
@@ -404,11 +403,13 @@ def dataset_hash(db, dataset: dict) -> str:
     return digest.hexdigest()
 
 
-def _advisor_section(db, run_id: int) -> list[str]:
+def _advisor_section(db, chain_runs: list[dict]) -> list[str]:
+    """The verdict on the chain's last shaping run (the advisor judges those), else on the base."""
     from . import advisor
 
+    shaping = [run["id"] for run in chain_runs if run["method"] != "dpo"]
     try:
-        advice = advisor.advise(advisor.gather(db, run_id))
+        advice = advisor.advise(advisor.gather(db, shaping[-1] if shaping else None))
         said = [f"**{advice.title}**: {advice.explanation}"]
     except Exception as exc:  # the advisor is optional to an export: say why it is missing
         said = [f"(The advisor could not judge this run: {type(exc).__name__}: {exc})"]
