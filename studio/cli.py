@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'demo' (default), a local Hugging Face folder, or a .gguf file")
     init.add_argument("--allow-pickle", action="store_true",
                       help="accept .bin (pickle) weights in a local folder; they can run code when loaded")
+    init.add_argument("--report-to", metavar="TRACKERS",
+                      help="the project's default trackers for runs: tensorboard,trackio,wandb")
 
     demo = commands.add_parser("demo", help="create the demo project (model + bundled data)")
     demo.add_argument("dir", type=Path, nargs="?")
@@ -49,14 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one setting (value parsed as JSON when it can be)")
     train.add_argument("--name")
     train.add_argument("--resume", type=int, metavar="RUN_ID", help="continue a stopped or interrupted run")
+    train.add_argument("--report-to", metavar="TRACKERS",
+                       help="also send metrics to tensorboard,trackio,wandb (or none); "
+                            "default: the project's report_to setting")
 
-    export = commands.add_parser("export", help="export labelled pairs, an adapter or a merged model")
+    export = commands.add_parser("export", help="export labelled pairs, an adapter, a merged model or a GGUF file")
     export.add_argument("dir", type=Path)
     export.add_argument("out", type=Path)
     what = export.add_mutually_exclusive_group(required=True)
     what.add_argument("--labels", action="store_true", help="labelled pairs as TRL preference JSONL")
     what.add_argument("--adapter", type=int, metavar="CHECKPOINT_ID", help="PEFT adapter folder")
     what.add_argument("--merged", type=int, metavar="CHECKPOINT_ID", help="full model folder (transformers)")
+    what.add_argument("--gguf", type=int, metavar="CHECKPOINT_ID",
+                      help="merged model as GGUF (llama.cpp, Ollama) with an Ollama Modelfile")
+    export.add_argument("--quant", default="f16", help="GGUF tensor type: f16 (default), q8_0, bf16 or f32")
 
     check = commands.add_parser("check", help="check a project: the whole database and every checkpoint's files")
     check.add_argument("dir", type=Path)
@@ -112,8 +120,9 @@ def cmd_gui(args) -> int:
 
 
 def cmd_init(args) -> int:
+    from studio.core import trackers
     from studio.core.models import ModelSource, resolve_folder
-    from studio.core.store import Project
+    from studio.core.store import Project, set_setting
 
     if args.model == "demo":
         source = ModelSource("demo")
@@ -122,7 +131,10 @@ def cmd_init(args) -> int:
         kind = "gguf" if model_path.suffix == ".gguf" else "folder"
         source = ModelSource(kind, str(model_path), allow_pickle=args.allow_pickle)
         resolve_folder(source)  # refuse a model that cannot load, before creating anything
+    report_to = trackers.parse_report_to(args.report_to)  # refuse a typo before creating anything
     with Project.create(args.dir, name=args.name, base_model=source.to_json()) as project:
+        if report_to:
+            set_setting(project.db, "report_to", report_to)
         print(f"Created project {project.path} on {source.describe()}")
     return 0
 
@@ -179,10 +191,12 @@ def cmd_runs(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from studio.core import runs, store
+    from studio.core import runs, store, trackers
 
     with store.Project.open(args.dir) as project:
         if args.resume is not None:
+            if args.report_to is not None:
+                raise runs.ConfigError("--report-to sets up a new run; a resumed run reports where it did")
             run_id = args.resume
             method = store.get_run(project.db, run_id)["method"]
         else:
@@ -192,6 +206,8 @@ def cmd_train(args) -> int:
             for item in args.set:
                 key, _, value = item.partition("=")
                 overrides[key] = parse_value(value)
+            if args.report_to is not None:
+                overrides["report_to"] = trackers.parse_report_to(args.report_to)
             config = runs.make_config(args.method, overrides)
             run_id = runs.create_run(project.db, config, name=args.name)
             method = args.method
@@ -214,7 +230,7 @@ def print_record(record: dict) -> None:
 
 
 def cmd_export(args) -> int:
-    from studio.core import runs, store
+    from studio.core import export, store
 
     with store.Project.open(args.dir, read_only=True) as project:
         if args.labels:
@@ -223,9 +239,12 @@ def cmd_export(args) -> int:
             count = export_preference_jsonl(store.labelled_pairs(project.db), args.out)
             print(f"Exported {count} labelled pairs to {args.out}")
         elif args.adapter is not None:
-            print(f"Adapter written to {runs.export_adapter(project.db, args.adapter, args.out)}")
+            print(f"Adapter written to {export.export_adapter(project.db, args.adapter, args.out)} (card: README.md)")
+        elif args.merged is not None:
+            print(f"Merged model written to {export.export_merged(project.db, args.merged, args.out)} (card: README.md)")
         else:
-            print(f"Merged model written to {runs.export_merged(project.db, args.merged, args.out)}")
+            path = export.export_gguf(project.db, args.gguf, args.out, args.quant)
+            print(f"GGUF written to {path}, with Modelfile and README.md beside it")
     return 0
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import distributed, store
+from . import distributed, store, trackers
 from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
@@ -81,6 +81,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 64  # greedy samples of the eval prompts at every checkpoint
     device: str = "auto"  # "auto" picks CUDA (bf16 autocast), then MPS, then CPU
     parent_checkpoint_id: int | None = None  # start (and reference) = this checkpoint
+    report_to: str | list[str] | None = None  # trackers, e.g. "tensorboard,trackio,wandb"; none: the project's
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,6 +152,10 @@ def create_run(db, config: TrainConfig, name: str | None = None) -> int:
     source = ModelSource.from_json(store.get_setting(db, "base_model"))
     check_settings(config.method, config.to_json(), module_names(source))
     problems = engine_module(config.method).validate(config, db)
+    try:
+        trackers.parse_report_to(config.report_to)
+    except trackers.TrackerError as exc:
+        problems.append(str(exc))
     if config.parent_checkpoint_id is not None:
         store.get_checkpoint(db, config.parent_checkpoint_id)  # raises if missing
     if problems:
@@ -542,6 +547,7 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
     marked failed (its checkpoints stay intact) and the exception propagates to the caller.
     """
     project_path = Path(project_path)
+    run_dir = project_path / "runs" / str(run_id)
     db = store.connect(project_path)
     sink = SQLiteSink(db, run_id)
     try:
@@ -555,8 +561,9 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
         record_failure(sink, exc)
         db.close()
         raise
+    sink = trackers.project_run_sink(db, run_id, sink, run_dir, data.eval_prompts, on_log or (lambda message: None))
     try:
-        return train(config, data, start, project_path / "runs" / str(run_id), sink, control, on_metrics, on_log)
+        return train(config, data, start, run_dir, sink, control, on_metrics, on_log)
     finally:
         db.close()
 

@@ -229,6 +229,8 @@ class MainWindow(QMainWindow):
                                "Import prompts or preference pairs (JSONL, JSON, CSV, Parquet)")
         self.export_action = a("&Export Labelled Pairs…", self.export_labelled_pairs, "fa6s.file-export", None,
                                "Write the pairs made from your labels as TRL preference JSONL")
+        self.export_gguf_action = a("Export Checkpoint as &GGUF…", self.export_gguf, "fa6s.file-export", None,
+                                    "The merged model as a GGUF file for llama.cpp and Ollama, with a model card")
         self.quit_action = a("&Quit", self.close, "fa6s.right-from-bracket", QKeySequence.StandardKey.Quit)
         self.new_dpo_action = a("New &DPO Run", lambda: self.new_run("dpo"), "fa6s.scale-balanced", "Ctrl+D",
                                 "Configure a DPO run: learn from preference pairs")
@@ -249,7 +251,7 @@ class MainWindow(QMainWindow):
         file_menu.addActions([self.new_project_action, self.open_project_action])
         self.recent_menu = file_menu.addMenu(icon("fa6s.clock"), "Recent &Projects")
         file_menu.addSeparator()
-        file_menu.addActions([self.import_action, self.export_action])
+        file_menu.addActions([self.import_action, self.export_action, self.export_gguf_action])
         file_menu.addSeparator()
         file_menu.addAction(self.quit_action)
         run_menu = bar.addMenu("&Run")
@@ -472,6 +474,41 @@ class MainWindow(QMainWindow):
             return 0
         self.statusBar().showMessage(f"Exported {count} labelled pairs to {path}", 8000)
         return count
+
+    def export_gguf(self, checkpoint_id: int | None = None, folder: Path | str | None = None):
+        """Ask for a checkpoint and a folder (unless given), then convert in the background."""
+        if self.project is None:
+            return None
+        db = self.project.db
+        labels = {c["id"]: f"{store.get_run(db, c['run_id'])['name']}, step {c['step']} (checkpoint {c['id']})"
+                  for c in reversed(store.checkpoints(db))}
+        if not labels:
+            show_message(self, "Nothing to export", "No checkpoints yet: train a run first.", level="info")
+            return None
+        if checkpoint_id is None:
+            from PySide6.QtWidgets import QInputDialog
+
+            label, ok = QInputDialog.getItem(self, "Export as GGUF", "Checkpoint:", list(labels.values()), 0, False)
+            if not ok:
+                return None
+            checkpoint_id = next(i for i, text in labels.items() if text == label)
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Folder for the GGUF export", str(self.project.exports_dir))
+            if not folder:
+                return None
+            folder = Path(folder) / f"checkpoint-{checkpoint_id}-gguf"
+        from studio.core.export import export_gguf_in_project
+
+        self.statusBar().showMessage(f"Exporting checkpoint {checkpoint_id} as GGUF…")
+        return run_in_background(export_gguf_in_project, self.project.path, checkpoint_id, folder,
+                                 on_result=self._gguf_exported, on_error=self._gguf_failed)
+
+    def _gguf_exported(self, path: Path) -> None:
+        self.statusBar().showMessage(f"GGUF written to {path}, with a Modelfile and README.md beside it", 10000)
+
+    def _gguf_failed(self, exc: BaseException) -> None:
+        self.statusBar().clearMessage()
+        show_message(self, "GGUF export failed", describe_error(exc))
 
     def dragEnterEvent(self, event) -> None:
         if self._dropped_file(event.mimeData()) is not None:
