@@ -24,7 +24,7 @@ def validate(config, db):
 
 
 class Engine:
-    def __init__(self, config, policy, tokenizer, db, device, run_dir):
+    def __init__(self, config, policy, tokenizer, db, device, run_dir, on_progress=None):
         self.model = policy
         self.config = config
         self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)

@@ -4,7 +4,8 @@ An engine module (``studio.core.dpo``, ``studio.core.ppo``) provides:
 
 * ``Config``: a dataclass extending :class:`TrainConfig` with the method's hyper-parameters;
 * ``validate(config, db) -> list[str]``: problems that must stop a launch (e.g. no pairs);
-* ``Engine(config, policy, tokenizer, db, device, run_dir)`` with attributes ``model`` (the
+* ``Engine(config, policy, tokenizer, db, device, run_dir, on_progress)`` (``on_progress`` reports the
+  long work done before the first step, see ``studio.core.progress``) with attributes ``model`` (the
   PeftModel policy), ``optimizer``, ``scheduler``, and methods ``train_step(step) -> dict`` (one
   optimizer step, returning metrics named as TRL names them), ``extra_state() -> dict`` and
   ``load_extra_state(state)`` (what a checkpoint needs beyond adapter, optimizer, scheduler, RNG:
@@ -34,6 +35,7 @@ from typing import Callable
 
 from . import store
 from .errors import StudioError
+from .progress import Progress, ignore
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
 
@@ -199,13 +201,18 @@ def checkpoint_chain(db, checkpoint_id: int | None) -> list[dict]:
     return chain[::-1]
 
 
-def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
+def load_model_state(db, checkpoint_id: int | None, device: str = "cpu", on_progress: Progress = ignore):
     """(model, tokenizer) for the base (None) or a checkpoint, with its adapters merged in."""
     from peft import PeftModel
 
+    chain = checkpoint_chain(db, checkpoint_id)
+    total = 1 + len(chain)  # the base, then each adapter merged into it
+    on_progress("Loading the model", 0, total)
     model, tokenizer = load_model(ModelSource.from_json(store.get_setting(db, "base_model")), device)
-    for checkpoint in checkpoint_chain(db, checkpoint_id):
+    on_progress("Loading the model", 1, total)
+    for merged, checkpoint in enumerate(chain, 2):
         model = PeftModel.from_pretrained(model, Path(checkpoint["path"]) / "adapter").merge_and_unload()
+        on_progress("Loading the model", merged, total)
     return model, tokenizer
 
 
@@ -244,7 +251,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer, device: str,
-                    config: TrainConfig) -> int:
+                    config: TrainConfig, on_progress: Progress = ignore) -> int:
     """Write adapter + trainer state atomically, sample the eval prompts, register both together."""
     import torch
 
@@ -260,7 +267,10 @@ def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer
 
     eval_rows = store.eval_prompts(db)
     decoding = Decoding(max_new_tokens=config.eval_max_new_tokens)
-    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_rows], decoding) if eval_rows else []
+    phase = f"Eval samples at step {step}"
+    on_progress(phase, 0, len(eval_rows))
+    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_rows], decoding,
+                           on_batch=lambda first, batch: on_progress(phase, first + len(batch), len(eval_rows)))
     with db.atomic():
         checkpoint_id = store.add_checkpoint(db, run_id, step, str(folder))
         store.add_samples(db, [
@@ -297,7 +307,7 @@ def resume_from_last_checkpoint(db, run_id: int, engine) -> int:
 
 def execute(project_path: Path | str, run_id: int, control: RunControl | None = None,
             on_metrics: Callable[[dict], None] | None = None,
-            on_log: Callable[[str], None] | None = None) -> str:
+            on_log: Callable[[str], None] | None = None, on_progress: Progress = ignore) -> str:
     """Train run `run_id` to its end or to a stop request; returns the final status.
 
     Opens its own database connection, so it can run in any thread. On an exception the run is
@@ -320,10 +330,10 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
         torch.manual_seed(config.seed)
         device, dtype = pick_device(config.device)
         log(f"Loading model on {device} ({dtype})")
-        model, tokenizer = load_model_state(db, config.parent_checkpoint_id, device)
+        model, tokenizer = load_model_state(db, config.parent_checkpoint_id, device, on_progress)
         policy = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                           config.lora_target_modules)
-        engine = module.Engine(config, policy, tokenizer, db, device, run_dir)
+        engine = module.Engine(config, policy, tokenizer, db, device, run_dir, on_progress)
         step = resume_from_last_checkpoint(db, run_id, engine)
         if step:
             log(f"Resumed from the checkpoint at step {step}")
@@ -347,12 +357,12 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
                 on_metrics(record)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 sink.flush()
-                save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+                save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config, on_progress)
                 last_saved = step
                 log(f"Checkpoint saved at step {step}")
         sink.flush()
         if step != last_saved:
-            save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
+            save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config, on_progress)
             log(f"Checkpoint saved at step {step}")
         status = "completed" if step >= config.max_steps else "stopped"
         store.set_run_status(db, run_id, status)
