@@ -49,6 +49,7 @@ def make_window(qtbot, settings_file):
     def make(wait_for_engines=True):
         window = MainWindow(QSettings(str(settings_file), QSettings.Format.IniFormat))
         window.confirm = lambda title, text: True  # no blocking question boxes in tests
+        window.ask_stop_strength = lambda: "step"
         window.show()
         if wait_for_engines:
             qtbot.waitUntil(lambda: window.engines is not None, timeout=TIMEOUT)
@@ -245,7 +246,7 @@ def test_closing_during_a_run_stops_it_cleanly_with_a_checkpoint(qtbot, make_win
     run_id = launch_dpo(window)
     qtbot.waitUntil(lambda: (window.runs_panel.model.record(run_id) or {}).get("step", 0) >= 2, timeout=TIMEOUT)
     asked = []
-    window.confirm = lambda title, text: asked.append(title) or True
+    window.ask_stop_strength = lambda: asked.append("strength") or "step"
     assert not window.close()  # not yet: it waits for the step boundary
     assert asked and window.queue.stopping
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=TIMEOUT)
@@ -255,6 +256,41 @@ def test_closing_during_a_run_stops_it_cleanly_with_a_checkpoint(qtbot, make_win
     checkpoint = store.checkpoints(db, run_id)[-1]
     assert run["status"] == "stopped" and checkpoint["step"] == max(store.run_metrics(db, run_id)["loss"][0])
     db.close()
+
+
+def test_long_phases_show_progress_and_stop_now_ends_a_run_in_its_reference_pass(qtbot, window_with_project,
+                                                                                tmp_path):
+    window = window_with_project
+    import_pairs(qtbot, window, write_pairs(tmp_path / "pairs.jsonl"))
+    seen = []  # what the table, the progress label and the status bar said when each report came
+
+    def on_progress(run_id, phase, done, total):
+        seen.append((phase, window.runs_panel.model.record(run_id).get("phase", ""),
+                     window.runs_panel.progress_label.text(), window.run_label.text()))
+        if phase.startswith("Reference pass") and window.stop_now_action.isEnabled():
+            window.stop_now_action.trigger()
+
+    window.queue.progress.connect(on_progress)  # after the panel's own slot: it has updated by now
+    with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:
+        run_id = launch_dpo(window)
+    window.queue.progress.disconnect(on_progress)
+    assert finished.args == [run_id, "stopped"]
+    loading = [entry for entry in seen if entry[0] == "Loading the model"][0]
+    assert loading[1].startswith("Loading the model 0/1") and "Loading the model" in loading[3]
+    reference = [entry for entry in seen if entry[0].startswith("Reference pass")][0]
+    assert reference[1].startswith("Reference pass (sequences) 0/") and "Reference pass" in reference[2]
+    assert store.get_run(window.project.db, run_id)["status"] == "stopped"
+    assert store.checkpoints(window.project.db, run_id) == [] and store.run_metrics(window.project.db, run_id) == {}
+    qtbot.waitUntil(lambda: not window.queue.busy, timeout=TIMEOUT)
+    assert window.runs_panel.model.record(run_id)["display_status"] == "stopped"
+
+    store.get_run(window.project.db, run_id)  # resumed from the start (no checkpoint yet), to a short end
+    window.project.db.execute("UPDATE runs SET config = json_set(config, '$.max_steps', 2) WHERE id = ?", [run_id])
+    window.runs_panel.refresh()
+    with qtbot.waitSignal(window.queue.finished, timeout=TIMEOUT) as finished:
+        window.runs_panel.start(run_id)
+    assert finished.args == [run_id, "completed"]
+    assert store.run_metrics(window.project.db, run_id)["loss"][0] == [1, 2]
 
 
 def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_project):

@@ -58,6 +58,10 @@ class RunProcess:
     def pid(self) -> int | None:
         return self._process.pid
 
+    @property
+    def stopping_now(self) -> bool:
+        return self._stopped_now
+
     def stop_now(self) -> None:
         """End the child now (from any thread); :meth:`messages` then reports the run stopped."""
         self._stopped_now = True

@@ -353,7 +353,8 @@ def set_run_status(db: Database, run_id: int, status: str, error: str | None = N
         raise ValueError(f"unknown run status {status!r}")
     update: dict[str, Any] = {"status": status}
     if status == "running":
-        update["started_at"] = time.time()
+        if db["runs"].get(run_id)["started_at"] is None:  # the first start: a resume keeps it
+            update["started_at"] = time.time()
         update["error"] = None
     elif status in ("stopped", "completed", "failed"):
         update["finished_at"] = time.time()

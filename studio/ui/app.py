@@ -239,6 +239,8 @@ class MainWindow(QMainWindow):
         self.resume_action = a("&Resume", self.runs_panel.resume, "fa6s.forward-step", "F7", "Resume the paused run")
         self.stop_action = a("S&top", self.runs_panel.stop, "fa6s.stop", "Shift+F5",
                              "Stop after this step (a checkpoint is saved)")
+        self.stop_now_action = a("Stop &Now", self.runs_panel.stop_now, "fa6s.power-off", "Ctrl+Shift+F5",
+                                 "End the run now, in any phase; it resumes from its last checkpoint")
         self.reset_layout_action = a("Reset &Layout", self.reset_layout, "fa6s.rotate-left")
         self.about_action = a("&About Alignment Studio", self.about, "fa6s.circle-info")
 
@@ -254,7 +256,8 @@ class MainWindow(QMainWindow):
         run_menu = bar.addMenu("&Run")
         run_menu.addActions([self.new_dpo_action, self.new_ppo_action])
         run_menu.addSeparator()
-        run_menu.addActions([self.start_action, self.pause_action, self.resume_action, self.stop_action])
+        run_menu.addActions([self.start_action, self.pause_action, self.resume_action, self.stop_action,
+                             self.stop_now_action])
         self.view_menu = bar.addMenu("&View")
         for dock in self.docks.values():
             self.view_menu.addAction(dock.toggleViewAction())
@@ -575,6 +578,7 @@ class MainWindow(QMainWindow):
         self.pause_action.setEnabled(panel.pause_button.isEnabled())
         self.resume_action.setEnabled(panel.resume_button.isEnabled())
         self.stop_action.setEnabled(panel.stop_button.isEnabled())
+        self.stop_now_action.setEnabled(panel.stop_now_button.isEnabled())
 
     def _update_status(self) -> None:
         if self.project is None:
@@ -594,7 +598,8 @@ class MainWindow(QMainWindow):
             state = run.get("display_status") or ("paused" if self.queue.is_paused else "running")
             waiting = len(self.queue.queued)
             more = f", {waiting} waiting" if waiting else ""
-            self.run_label.setText(f"{self._run_name(current)} {state}{more}")
+            phase = f" · {run['phase']}" if run.get("phase") else ""
+            self.run_label.setText(f"{self._run_name(current)} {state}{phase}{more}")
 
     # --- settings, closing --------------------------------------------------------------------
     def _restore_window(self) -> None:
@@ -626,21 +631,36 @@ class MainWindow(QMainWindow):
                                       QMessageBox.StandardButton.No)
         return answer == QMessageBox.StandardButton.Yes
 
+    def ask_stop_strength(self) -> str | None:
+        """Quitting during a run: "step" (stop after this step), "now" (end it now), or None (stay).
+        Tests replace this method."""
+        box = QMessageBox(QMessageBox.Icon.Question, "Stop training and quit?",
+                          "A run is in progress. Stop it after the current step (a checkpoint is saved), or "
+                          "end it now (it resumes from its last checkpoint)?", parent=self)
+        after_step = box.addButton("Stop after this step", QMessageBox.ButtonRole.AcceptRole)
+        now = box.addButton("Stop now", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(after_step)
+        box.exec()
+        return {after_step: "step", now: "now"}.get(box.clickedButton())
+
     def closeEvent(self, event) -> None:
         if self.queue.busy:
+            strength = "now" if self._closing else None
             if not self._closing:
-                if not self.confirm("Stop training and quit?",
-                                    "A run is in progress. Stop it after the current step (a checkpoint is "
-                                    "saved, so it can be resumed later) and quit?"):
+                strength = self.ask_stop_strength()
+                if strength is None:
                     event.ignore()
                     return
                 self._closing = True
                 self.queue.idle.connect(self._close_when_idle)
-                self.queue.stop_all()
                 for dock in self.docks.values():
                     dock.widget().setEnabled(False)
                 self.toolbar.setEnabled(False)
-                self.statusBar().showMessage("Stopping the run after this step and saving a checkpoint…")
+                self.statusBar().showMessage("Stopping the run now…" if strength == "now" else
+                                             "Stopping the run after this step and saving a checkpoint… "
+                                             "(Quit again to stop it now)")
+            self.queue.stop_all(now=strength == "now")
             event.ignore()
             return
         self.save_window()
