@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -222,7 +223,9 @@ def load_model(source: ModelSource, device: str = "cpu"):
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a tqdm bar on stderr per load; progress goes to on_progress
     folder = resolve_folder(source)
     tokenizer = load_tokenizer(folder)
     with _LOAD_LOCK:
@@ -242,4 +245,6 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0,
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads an attribute transformers has deprecated: nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)

@@ -32,6 +32,7 @@ from .panels.label import LabelPanel
 from .panels.projects import NewProjectDialog, ProjectsPanel, default_projects_dir
 from .panels.run_setup import RunSetupPanel
 from .panels.runs import RunsPanel
+from .wheel import WheelGuard
 from .workers import RunQueue, describe_error, load_engines, run_in_background, wait_for_background_jobs
 
 try:
@@ -113,6 +114,8 @@ class MainWindow(QMainWindow):
         self.setDockNestingEnabled(True)
         self.setAcceptDrops(True)
 
+        self.wheel_guard = WheelGuard(self)  # the wheel scrolls the page over unfocused values and charts
+        QApplication.instance().installEventFilter(self.wheel_guard)
         self.queue = RunQueue(self)
         self.projects_panel = ProjectsPanel()
         self.data_panel = DataPanel()
