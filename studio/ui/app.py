@@ -18,7 +18,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QApplication, QDockWidget, QFileDialog, QFrame, QLabel, QMainWindow, QMessageBox, QScrollArea, QTabWidget, QToolBar,
+    QApplication, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget, QToolBar,
     QWidget,
 )
 
@@ -32,6 +32,7 @@ from .panels.label import LabelPanel
 from .panels.projects import NewProjectDialog, ProjectsPanel, default_projects_dir
 from .panels.run_setup import RunSetupPanel
 from .panels.runs import RunsPanel
+from .pages import PageScroll
 from .wheel import WheelGuard
 from .workers import RunQueue, describe_error, load_engines, run_in_background, wait_for_background_jobs
 
@@ -52,6 +53,7 @@ STYLE_SHEET = Path(__file__).resolve().parents[2] / "resources" / "style.qss"
 AREAS = {"left": Qt.DockWidgetArea.LeftDockWidgetArea, "right": Qt.DockWidgetArea.RightDockWidgetArea,
          "bottom": Qt.DockWidgetArea.BottomDockWidgetArea, "top": Qt.DockWidgetArea.TopDockWidgetArea}
 DOCK_SIZES = {"left": 370, "right": 410, "bottom": 290}
+WIDE_LAYOUT = 1500  # px: narrower windows put the left docks in tabs beside run setup
 
 
 @dataclass
@@ -166,10 +168,7 @@ class MainWindow(QMainWindow):
         self._specs.append(spec)
         if spec.area == "centre":
             # A scroll area per tab: a wide panel scrolls instead of squeezing the docks beside it.
-            scroll = QScrollArea()
-            scroll.setWidgetResizable(True)
-            scroll.setFrameShape(QFrame.Shape.NoFrame)
-            scroll.setWidget(spec.widget)
+            scroll = PageScroll(spec.widget)
             self.centre.addTab(scroll, icon(spec.icon) if spec.icon else icon(""), spec.title)
             self.centre.tabBar().setVisible(self.centre.count() > 1)
             return
@@ -183,17 +182,29 @@ class MainWindow(QMainWindow):
         self.docks[spec.key] = dock
 
     def apply_default_layout(self) -> None:
-        """Left: project over data; centre: charts; right: run setup; bottom: runs and log."""
+        """Left: project over data; centre: charts; right: run setup; bottom: runs and log.
+
+        A window narrower than WIDE_LAYOUT px puts project and data in tabs beside run setup, so the
+        centre keeps room for compare and label; a low one gets a lower runs dock.
+        """
+        size, narrow = self.size(), self.width() < WIDE_LAYOUT
         by_area: dict[str, list[QDockWidget]] = {}
         for spec in self._specs:
             if spec.area in AREAS:
+                area = "right" if narrow and spec.area == "left" else spec.area
                 dock = self.docks[spec.key]
                 dock.setFloating(False)
                 self.removeDockWidget(dock)
-                self.addDockWidget(AREAS[spec.area], dock)
+                self.addDockWidget(AREAS[area], dock)
                 dock.show()
-                by_area.setdefault(spec.area, []).append(dock)
+                by_area.setdefault(area, []).append(dock)
         for area, docks in by_area.items():
+            if narrow and area == "right":
+                for dock in docks[1:]:
+                    self.tabifyDockWidget(docks[0], dock)
+                self.docks["run_setup"].raise_()
+                self.resize(size)  # the docks were stacked for a moment: the window grew to hold them
+                continue
             orientation = Qt.Orientation.Horizontal if area in ("top", "bottom") else Qt.Orientation.Vertical
             for previous, dock in zip(docks, docks[1:]):
                 self.splitDockWidget(previous, dock, orientation)
@@ -201,7 +212,8 @@ class MainWindow(QMainWindow):
         self.resizeDocks(width, [DOCK_SIZES[a] for a in ("left", "right") if by_area.get(a)],
                          Qt.Orientation.Horizontal)
         if by_area.get("bottom"):
-            self.resizeDocks(by_area["bottom"][:1], [DOCK_SIZES["bottom"]], Qt.Orientation.Vertical)
+            height = min(DOCK_SIZES["bottom"], int(self.height() * 0.3))
+            self.resizeDocks(by_area["bottom"][:1], [height], Qt.Orientation.Vertical)
         left = by_area.get("left", [])
         if len(left) == 2:
             self.resizeDocks(left, [340, 560], Qt.Orientation.Vertical)

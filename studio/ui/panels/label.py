@@ -19,8 +19,8 @@ from PySide6.QtCore import QCoreApplication, QSettings, Qt, QThread, QTimer, Sig
 from PySide6.QtGui import QColor, QFont, QFontMetrics, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QAbstractItemView, QAbstractScrollArea, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog,
-    QFormLayout, QFrame, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar,
-    QPushButton, QSizePolicy, QSpinBox, QTableWidget, QTableWidgetItem, QTextBrowser, QVBoxLayout,
+    QFormLayout, QFrame, QGridLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar,
+    QPushButton, QSizePolicy, QSpinBox, QTableWidget, QTableWidgetItem, QTabWidget, QTextBrowser, QVBoxLayout,
     QWidget,
 )
 
@@ -129,16 +129,22 @@ class LabelPanel(QWidget):
     # --- layout -------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        layout = QHBoxLayout(self)
-        layout.addLayout(self._build_labelling(), 1)
-        side = QVBoxLayout()
-        side.addWidget(self._build_batch_box())
-        side.addWidget(self._build_results_box(), 1)
-        holder = QWidget()
-        holder.setLayout(side)
-        holder.setFixedWidth(440)
-        side.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(holder)
+        """Three pages, so the pair gets the whole width (it fits beside the docks at 1366 px) and the
+        ranking never updates beside a pair being labelled blind."""
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.pages = QTabWidget()
+        self.pages.setDocumentMode(True)
+        labelling_page = QWidget()
+        labelling_page.setLayout(self._build_labelling())
+        self.pages.addTab(labelling_page, icon("fa6s.tags"), "Label")
+        batch_page = QWidget()
+        batch_layout = QVBoxLayout(batch_page)
+        batch_layout.addWidget(self._build_batch_box())
+        batch_layout.addStretch(1)
+        self.pages.addTab(batch_page, icon("fa6s.wand-magic-sparkles"), "New batch")
+        self.pages.addTab(self._build_results_box(), icon("fa6s.ranking-star"), "Ranking")
+        layout.addWidget(self.pages)
 
     def _build_labelling(self) -> QVBoxLayout:
         column = QVBoxLayout()
@@ -154,15 +160,19 @@ class LabelPanel(QWidget):
         self.blind_check.setChecked(True)
         self.blind_check.setToolTip("Hide which model wrote each side until you have labelled it")
         self.blind_check.toggled.connect(self._show_sources_if_not_blind)
+        self.blind_check.toggled.connect(lambda _blind: self._update_progress())
         top.addWidget(self.blind_check)
         self.progress_bar = QProgressBar()
         top.addWidget(self.progress_bar, 1)
         column.addLayout(top)
+        self.status = hint_label()  # up here, where it is seen: what to do next, what was saved
+        column.addWidget(self.status)
         self.source_counts = hint_label()
         column.addWidget(self.source_counts)
 
-        column.addWidget(bold(QLabel("Prompt"), 1))
         self.prompt_view = QTextBrowser()
+        self.prompt_view.setPlaceholderText("Prompt")
+        self.prompt_view.setToolTip("The prompt both responses answer")
         self.prompt_view.setFont(_reading_font(self.prompt_view.font()))
         self.prompt_view.setMaximumHeight(90)
         column.addWidget(self.prompt_view)
@@ -172,18 +182,16 @@ class LabelPanel(QWidget):
             sides.addWidget(view)
         column.addLayout(sides, 1)
 
-        buttons = QHBoxLayout()
+        buttons = QGridLayout()  # two rows of four: narrow enough for the centre of a 1366 px window
         self.buttons = {}
-        for key, text, action, icon_name in self._key_actions():
+        for index, (key, text, action, icon_name) in enumerate(self._key_actions()):
             button = QPushButton(icon(icon_name), f"{text}  [{key}]")
             button.setFocusPolicy(Qt.FocusPolicy.NoFocus)  # keys stay with the panel
-            button.setMinimumHeight(34)
+            button.setMinimumHeight(30)
             button.clicked.connect(action)
-            buttons.addWidget(button)
+            buttons.addWidget(button, *divmod(index, 4))
             self.buttons[key] = button
         column.addLayout(buttons)
-        self.status = hint_label()
-        column.addWidget(self.status)
         return column
 
     def _build_batch_box(self) -> QGroupBox:
@@ -225,6 +233,7 @@ class LabelPanel(QWidget):
 
     def _build_results_box(self) -> QGroupBox:
         box = QGroupBox("How the model states rank (all annotators)")
+        box.setFlat(True)
         layout = QVBoxLayout(box)
         self.results_table = QTableWidget(0, 5)
         self.results_table.setHorizontalHeaderLabels(["Model state", "Games", "Win rate", "BT ± 95% CI", "Elo"])
@@ -334,8 +343,8 @@ class LabelPanel(QWidget):
         if self.session is None:
             return "Type your name in the Annotator field to start labelling."
         if not self.session.queue:
-            return "No comparisons yet: create a batch on the right."
-        return "All labelled. Create another batch on the right, or export your labels as preference data."
+            return "No comparisons yet: create one on the New batch page."
+        return "All labelled. Create another batch on the New batch page, or export your labels from Ranking."
 
     def _show_empty(self, message: str) -> None:
         self.current = None
@@ -356,8 +365,9 @@ class LabelPanel(QWidget):
         self.progress_bar.setRange(0, max(total, 1))
         self.progress_bar.setValue(progress["done"])
         self.progress_bar.setFormat(f"{progress['done']} / {total} labelled")
-        self.source_counts.setText("   ·   ".join(f"{name}: {c['done']}/{c['total']}"
-                                                 for name, c in progress["by_source"].items()))
+        # Per-source counts name the model states: shown only when labelling is not blind.
+        self.source_counts.setText("" if self.blind_check.isChecked() else "   ·   ".join(
+            f"{name}: {c['done']}/{c['total']}" for name, c in progress["by_source"].items()))
 
     def _show_sources_if_not_blind(self) -> None:
         if self.current is not None and not self.blind_check.isChecked():
@@ -494,8 +504,10 @@ class LabelPanel(QWidget):
             show_message(self, "Cannot create comparisons", str(exc))
             return
         annotator = self.annotator_edit.text().strip()
+        self.pages.setCurrentIndex(0)  # the pairs (or what is missing) show on the Label page
         if not annotator:
             self._show_empty("Type your name in the Annotator field first.")
+            self.annotator_edit.setFocus()
             return
         QSettings().setValue(ANNOTATOR_SETTING, annotator)
         self.session = labelling.LabellingSession(self.db, annotator, [])
