@@ -173,6 +173,7 @@ def test_create_import_train_pause_resume_stop_and_reopen(qtbot, window_with_pro
     assert window.close_project()
     assert window.runs_panel.model.rowCount() == 0
     assert window.open_project(project_path)
+    assert f"Run stopped at step {stopped_at}" in window.runs_panel.log_view.toPlainText()  # the log is kept
     row = window.runs_panel.model.record(run_id)
     assert row["status"] == "stopped" and row["step"] == stopped_at and "loss" in row["last"]
     window.runs_panel.select_runs([run_id])

@@ -35,9 +35,10 @@ from typing import Callable
 
 from . import store
 from .errors import StudioError
-from .progress import Progress, ignore
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
+from .progress import Progress, ignore
+from .run_log import append_run_log
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
 
@@ -316,7 +317,6 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
     import torch
 
     control = control or RunControl()
-    log = on_log or (lambda message: None)
     project_path = Path(project_path)
     db = store.connect(project_path)
     run = store.get_run(db, run_id)
@@ -324,6 +324,12 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
     config = module.Config.from_json(run["config"])
     run_dir = project_path / "runs" / str(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        append_run_log(run_dir, message)
+        if on_log is not None:
+            on_log(message)
+
     sink = MetricsSink(db, run_id)
     store.set_run_status(db, run_id, "running")
     try:

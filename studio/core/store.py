@@ -195,7 +195,7 @@ def _take_lock(path: Path) -> int:
         os.close(fd)
         raise ProjectLockedError(
             f"The project {path} is already open for writing in another studio process "
-            f"(pid {holder}). Close it there first, or open this one read-only."
+            f"(pid {holder}). Close it there first (or switch to that window)."
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)

@@ -784,6 +784,16 @@ class RunSetupPanel(QWidget):
                 text = "Import training prompts to start a PPO run (Data panel, or drop a file on the window)."
         self.hint.setText(text)
         self.hint.setVisible(bool(text))
+        self._update_name_placeholder(method)
+
+    def _update_name_placeholder(self, method: str | None) -> None:
+        """The name a run of this tab's method gets when the field is left empty."""
+        next_id = 1
+        if self.project is not None:
+            from studio.core import store
+
+            next_id += max((run["id"] for run in store.list_runs(self.project.db)), default=0)
+        self.run_name.setPlaceholderText(f"automatic ({method.upper()} #{next_id})" if method else "automatic")
 
     # --- the form ---
     def current_method(self) -> str | None:
@@ -854,5 +864,6 @@ class RunSetupPanel(QWidget):
             self.show_error(str(exc))
             return None
         self.run_name.clear()
+        self._update_name_placeholder(method)
         self.run_created.emit(run_id)
         return run_id

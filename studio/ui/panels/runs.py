@@ -310,6 +310,18 @@ class RunsPanel(QWidget):
         self.log_view.clear()
         self.refresh()
         self._reset_progress()
+        self._show_stored_logs()
+
+    def _show_stored_logs(self, lines: int = 400) -> None:
+        """The last `lines` lines the project's runs logged (kept in each run's folder), oldest first."""
+        if self.project is None:
+            return
+        from studio.core.run_log import read_run_log
+
+        entries = sorted((stamp, run["id"], text) for run in self.model.records
+                         for stamp, text in read_run_log(self.project.run_dir(run["id"])))
+        for stamp, run_id, text in entries[-lines:]:
+            self._log(run_id, text, stamp)
 
     def refresh(self) -> None:
         """Reload the runs from the store, keeping the selection."""
@@ -648,10 +660,11 @@ class RunsPanel(QWidget):
     def _on_log(self, run_id: int, message: str) -> None:
         self._log(run_id, message)
 
-    def _log(self, run_id: int | None, message: str) -> None:
+    def _log(self, run_id: int | None, message: str, when: float | None = None) -> None:
         run = self.model.record(run_id) if run_id is not None else None
         who = run["name"] if run else (f"Run {run_id}" if run_id is not None else "")
-        stamp = time.strftime("%H:%M:%S")
+        stamp = time.strftime("%H:%M:%S" if when is None or time.time() - when < 86400 else "%d %b %H:%M",
+                              time.localtime(when))
         lines = message.splitlines() or [""]
         self.log_view.appendPlainText(f"{stamp}  {who:<10}  {lines[0]}")
         for line in lines[1:]:
