@@ -268,18 +268,38 @@ def save_checkpoint(db, run_id: int, run_dir: Path, step: int, engine, tokenizer
 
     eval_rows = store.eval_prompts(db)
     decoding = Decoding(max_new_tokens=config.eval_max_new_tokens)
-    phase = f"Eval samples at step {step}"
-    on_progress(phase, 0, len(eval_rows))
-    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_rows], decoding,
-                           on_batch=lambda first, batch: on_progress(phase, first + len(batch), len(eval_rows)))
+    generations = _eval_samples(engine.model, tokenizer, eval_rows, decoding, f"Eval samples at step {step}",
+                                on_progress)
+    base_rows = _unsampled_by_the_base(db, eval_rows, decoding) if config.parent_checkpoint_id is None else []
+    with engine.model.disable_adapter():  # the run starts from the base: without its adapter, it is the base
+        base_generations = _eval_samples(engine.model, tokenizer, base_rows, decoding, "Eval samples of the base",
+                                         on_progress)
     with db.atomic():
         checkpoint_id = store.add_checkpoint(db, run_id, step, str(folder))
-        store.add_samples(db, [
-            {"checkpoint_id": checkpoint_id, "prompt_id": row["id"], "sample_index": 0,
-             "seed": decoding.seed, "decoding": decoding.to_json(), "text": g.text,
-             "scores": {"length": len(g.response_ids), "finished": g.finished}}
-            for row, g in zip(eval_rows, generations)])
+        store.add_samples(db, _sample_rows(checkpoint_id, eval_rows, generations, decoding)
+                          + _sample_rows(None, base_rows, base_generations, decoding))
     return checkpoint_id
+
+
+def _eval_samples(model, tokenizer, rows: list[dict], decoding: Decoding, phase: str, on_progress: Progress) -> list:
+    if not rows:
+        return []
+    on_progress(phase, 0, len(rows))
+    return generate(model, tokenizer, [r["prompt"] for r in rows], decoding,
+                    on_batch=lambda first, batch: on_progress(phase, first + len(batch), len(rows)))
+
+
+def _unsampled_by_the_base(db, eval_rows: list[dict], decoding: Decoding) -> list[dict]:
+    """The eval prompts the base has no stored sample of with `decoding` (Compare's Base column reads them)."""
+    stored = {row["prompt_id"] for row in store.samples(db, None) if row["decoding"] == decoding.to_json()}
+    return [row for row in eval_rows if row["id"] not in stored]
+
+
+def _sample_rows(checkpoint_id: int | None, rows: list[dict], generations: list, decoding: Decoding) -> list[dict]:
+    return [{"checkpoint_id": checkpoint_id, "prompt_id": row["id"], "sample_index": 0, "seed": decoding.seed,
+             "decoding": decoding.to_json(), "text": g.text,
+             "scores": {"length": len(g.response_ids), "finished": g.finished}}
+            for row, g in zip(rows, generations)]
 
 
 def resume_from_last_checkpoint(db, run_id: int, engine) -> int:
