@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import labelling, store
+from studio.core.progress import ProgressMeter
 
 from . import ACCENT, DANGER, MUTED, OK, bold, hint_label, icon, show_message
 from ..workers import describe_error
@@ -114,6 +115,7 @@ class LabelPanel(QWidget):
         self.current: dict | None = None
         self.worker: BatchWorker | None = None
         self.planned = 0  # comparisons the running batch will add
+        self._batch_progress = ProgressMeter()  # count, rate and ETA of the running batch
         self._choosing_edit_side = False
         self._editing: ResponseView | None = None
         self._reveal_timer = QTimer(self, singleShot=True, timeout=self._show_next)
@@ -330,7 +332,8 @@ class LabelPanel(QWidget):
         self._update_progress()
         if self.current is None:
             waiting = self.worker is not None and self.session is not None
-            self._show_empty("Generating the next pair…" if waiting else self._done_message())
+            self._show_empty(f"Waiting for the next pair: {self._batch_progress.text()}" if waiting
+                             else self._done_message())
             return
         self.prompt_view.setPlainText(_prompt_text(self.current["prompt"]))
         for side, view in self.views.items():
@@ -517,7 +520,8 @@ class LabelPanel(QWidget):
         self.worker.failed.connect(self._batch_failed)
         self.worker.finished.connect(self._batch_finished)
         self.create_button.setText("Stop generating")
-        self.batch_status.setText(f"Generating 0 of {count}…")
+        self._batch_progress.update("Generating pairs", 0, count)
+        self.batch_status.setText(f"{self._batch_progress.text()} (the model states load first)")
         self.worker.start()
         self._show_next()
 
@@ -559,7 +563,8 @@ class LabelPanel(QWidget):
         if self.sender() is not self.worker or self.session is None:
             return  # queued from a batch stopped since (perhaps of another project)
         self.session.add([comparison_id])
-        self.batch_status.setText(f"Generating {len(self.session.queue)} of {self.planned}…")
+        self._batch_progress.update("Generating pairs", len(self.session.queue), self.planned)
+        self.batch_status.setText(self._batch_progress.text())
         if self.current is None:
             self._show_next()
         else:
@@ -577,6 +582,7 @@ class LabelPanel(QWidget):
         self.planned = 0
         made = len(self.session.queue) if self.session else 0
         self.create_button.setText("Create batch")
+        self._batch_progress.clear()
         self.batch_status.setText(f"{made} comparisons ready.")
         if self.current is None:
             self._show_next()
