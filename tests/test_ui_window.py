@@ -294,6 +294,27 @@ def test_long_phases_show_progress_and_stop_now_ends_a_run_in_its_reference_pass
     assert store.run_metrics(window.project.db, run_id)["loss"][0] == [1, 2]
 
 
+def test_queue_run_shows_its_settings_and_asks_once(qtbot, window_with_project, tmp_path):
+    window = window_with_project
+    import_pairs(qtbot, window, write_pairs(tmp_path / "pairs.jsonl"))
+    setup = window.run_setup
+    window.new_run("dpo")
+    setup.page("dpo").form.set_values({**FAST_DPO, "max_steps": 3, "beta": 0.25})
+    setup.launch_button.click()
+    box = [b for b in window.findChildren(QMessageBox) if b.isVisible()][-1]
+    settings = box.informativeText()
+    assert "max_steps: <b>3</b>" in settings and "beta: <b>0.25</b>" in settings  # what it will use
+    assert "start from: <b>Base model</b>" in settings and "loss_type" not in settings  # defaults left out
+    assert store.list_runs(window.project.db) == []  # nothing started before the answer
+    box.checkBox().setChecked(True)  # don't ask again
+    box.button(QMessageBox.StandardButton.Ok).click()
+    assert len(store.list_runs(window.project.db)) == 1
+    window.queue.stop_all(now=True)
+    qtbot.waitUntil(lambda: not window.queue.busy, timeout=TIMEOUT)
+    setup.launch_button.click()  # no question this time
+    assert not [b for b in window.findChildren(QMessageBox) if b.isVisible()]
+    assert len(store.list_runs(window.project.db)) == 2
+
 def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_project):
     import dataclasses
 

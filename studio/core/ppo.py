@@ -35,6 +35,7 @@ import torch
 
 from . import rewards, store
 from .generation import encode_prompt, left_pad, sample, stop_token_ids
+from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 
@@ -275,7 +276,8 @@ class ForwardOutput(NamedTuple):
 # --- the engine -------------------------------------------------------------------------------
 
 class Engine:
-    def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, policy, tokenizer, db, device: str, run_dir: Path,
+                 on_progress: Progress = ignore) -> None:
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
         rows = training_prompts(db, config.prompt_dataset_ids)
         self.prompt_ids = [row["id"] for row in rows]  # the run's prompts, fixed when it starts
@@ -294,7 +296,9 @@ class Engine:
                                           config.kl_horizon)
         self.normalizer = rewards.RewardNormalizer(config.reward_normalization, config.reward_clip)
         project_path = Path(run_dir).parent.parent  # runs live in <project>/runs/<id>
+        on_progress("Loading the reward sources", 0, 1)  # a trained reward model is a second model to load
         self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, project_path, device)
+        on_progress("Loading the reward sources", 1, 1)
 
     # -- the one forward pass: rollout statistics and training both use it --
 

@@ -27,12 +27,16 @@ from PySide6.QtWidgets import (
 from studio.core import labelling, store
 from studio.core.progress import ProgressMeter
 
-from . import ACCENT, DANGER, MUTED, OK, bold, hint_label, icon, show_message
+from . import ACCENT, DANGER, MUTED, OK, ask_once, bold, hint_label, icon, show_message
 from ..workers import describe_error
 
 ANNOTATOR_SETTING = "label/annotator"
 MODES = (("states", "Two model states"), ("samples", "Two samples of one state"), ("pairs", "Imported pairs"))
 CHOICE_NAMES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad", "skip": "Skipped"}
+
+
+def _shown_value(widget) -> str:
+    return widget.currentText() if isinstance(widget, QComboBox) else widget.text()
 
 
 class BatchWorker(QThread):
@@ -491,8 +495,12 @@ class LabelPanel(QWidget):
             self.temperature_spin.setValue(0.8)  # two greedy samples would be identical
 
     def _create_or_stop(self) -> None:
-        if self.worker is None:
-            self.create_batch()
+        if self.worker is None:  # show what the batch will generate (ask once), then create it
+            fields = [self._form.itemAt(row, QFormLayout.ItemRole.FieldRole) for row in range(self._form.rowCount())]
+            shown = {self._form.labelForField(item.widget()).text(): _shown_value(item.widget()) for item in fields
+                     if item is not None and self._form.isRowVisible(item.widget())}
+            ask_once(self, "label_batch", "Create a batch of comparisons?",
+                     "Generating the pairs runs the models: with these settings,", shown, self.create_batch)
         else:  # without blocking: the worker ends after the comparison in progress
             self.worker.requestInterruption()
             self.batch_status.setText("Stopping after the pair in progress…")

@@ -24,7 +24,9 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
 
-from . import DANGER, WARNING, hint_label, icon
+from . import DANGER, WARNING, ask_once, hint_label, icon
+
+SUMMARY_SETTINGS = ("max_steps", "checkpoint_every", "learning_rate", "batch_size", "beta", "reward_sources")
 
 METHODS = (("dpo", "DPO"), ("ppo", "PPO"))
 
@@ -694,7 +696,7 @@ class RunSetupPanel(QWidget):
         self.launch_button = QPushButton(icon("fa6s.play", "white"), "Queue run")
         self.launch_button.setProperty("primary", True)
         self.launch_button.setToolTip("Validate these settings and queue the run (runs start one after another)")
-        self.launch_button.clicked.connect(self.launch)
+        self.launch_button.clicked.connect(self.ask_and_launch)
         buttons.addWidget(self.reset_button)
         buttons.addStretch(1)
         buttons.addWidget(self.launch_button)
@@ -843,6 +845,25 @@ class RunSetupPanel(QWidget):
         self.error.setVisible(False)
 
     # --- launch ---
+    def ask_and_launch(self) -> None:
+        """Queue run, clicked: show the settings the run will use (ask once), then launch."""
+        method = self.current_method()
+        if self.project is None or method not in self.pages:
+            self.launch()  # shows why it cannot
+            return
+        from studio.core import runs
+
+        values = self.pages[method].overrides()
+        defaults = runs.make_config(method).to_json()
+        shown = {"start from": self.start_from.currentText()}
+        shown.update({name: values[name] for name in values
+                      if name in SUMMARY_SETTINGS or values[name] != defaults.get(name)})
+        if "reward_sources" in shown:
+            shown["reward_sources"] = ", ".join(source["type"] for source in values["reward_sources"])
+        ask_once(self, "queue_run", f"Queue a {method.upper()} run?",
+                 f"The {method.upper()} run will train with these settings (the rest are the defaults):",
+                 shown, self.launch)
+
     def launch(self) -> int | None:
         """Validate and record a queued run; emits run_created(id). Problems are shown inline."""
         self.clear_error()
