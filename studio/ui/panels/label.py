@@ -497,8 +497,9 @@ class LabelPanel(QWidget):
     def _create_or_stop(self) -> None:
         if self.worker is None:  # show what the batch will generate (ask once), then create it
             fields = [self._form.itemAt(row, QFormLayout.ItemRole.FieldRole) for row in range(self._form.rowCount())]
-            shown = {self._form.labelForField(item.widget()).text(): _shown_value(item.widget()) for item in fields
-                     if item is not None and self._form.isRowVisible(item.widget())}
+            labelled = [(self._form.labelForField(item.widget()), item.widget()) for item in fields if item is not None]
+            shown = {label.text(): _shown_value(widget) for label, widget in labelled
+                     if label is not None and self._form.isRowVisible(widget)}
             ask_once(self, "label_batch", "Create a batch of comparisons?",
                      "Generating the pairs runs the models: with these settings,", shown, self.create_batch)
         else:  # without blocking: the worker ends after the comparison in progress
