@@ -15,9 +15,10 @@ def window(qtbot, tmp_path, project):
     store.add_dataset(project.db, "pairs", "preference", [
         {"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": "No, not at all, never."} for i in range(4)])
     project.close()
-    window = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.Format.IniFormat), load_engines_now=False)
+    window = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.Format.IniFormat))
     window.show()
     assert window.open_project(project.path)
+    qtbot.waitUntil(lambda: window.engines is not None, timeout=180_000)  # run setup's forms are built
     yield window
     window.close()
     window.deleteLater()

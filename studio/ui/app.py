@@ -189,12 +189,13 @@ class MainWindow(QMainWindow):
         """
         size, narrow = self.size(), self.width() < WIDE_LAYOUT
         by_area: dict[str, list[QDockWidget]] = {}
+        for dock in self.docks.values():  # all out first: tabs of a previous layout must not survive
+            dock.setFloating(False)
+            self.removeDockWidget(dock)
         for spec in self._specs:
             if spec.area in AREAS:
                 area = "right" if narrow and spec.area == "left" else spec.area
                 dock = self.docks[spec.key]
-                dock.setFloating(False)
-                self.removeDockWidget(dock)
                 self.addDockWidget(AREAS[area], dock)
                 dock.show()
                 by_area.setdefault(area, []).append(dock)
