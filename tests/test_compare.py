@@ -71,7 +71,13 @@ def test_stored_outputs_for_checkpoints_and_base(trained):
         assert {pid: o.text for pid, o in outputs.items()} == expected and len(expected) == 2
         assert all(o.stored and o.figures["tokens"] > 0 for o in outputs.values())
 
-    assert compare.stored_outputs(db, None, prompt_ids, greedy) == {}  # nothing stored for the base yet
+    # The run started from the base: its first checkpoint stored the base's greedy answers too.
+    base = compare.stored_outputs(db, None, prompt_ids, greedy)
+    assert {pid: o.text for pid, o in base.items()} == {r["prompt_id"]: r["text"] for r in store.samples(db, None)}
+    assert len(base) == 2
+    db.execute("DELETE FROM samples WHERE checkpoint_id IS NULL")
+    db.conn.commit()
+    assert compare.stored_outputs(db, None, prompt_ids, greedy) == {}
     store.add_samples(db, [{"checkpoint_id": None, "prompt_id": prompt_ids[0], "sample_index": 0, "seed": 0,
                             "decoding": greedy, "text": "Hi there.", "scores": {"length": 4, "finished": True}}])
     base = compare.stored_outputs(db, None, prompt_ids, greedy)

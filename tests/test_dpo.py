@@ -274,6 +274,29 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_reuses_reference_logps
             "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second", "memory/peak_mb"} <= set(metrics)
 
 
+def test_a_short_run_computes_reference_logps_only_for_the_pairs_it_trains_on(project):
+    add_pairs(project, count=20)  # 2 steps of 4 pairs reach 8 of the 20
+    run_id = make_run(project, max_steps=2, batch_size=4)
+    reports = []
+    runs.execute(project.path, run_id, on_progress=lambda *report: reports.append(report))
+    data = dpo.RunData.load(project.run_dir(run_id) / dpo.DATA_FILE)
+    computed = [i for i in range(20) if not math.isnan(data.ref_chosen[i])]
+    assert len(computed) == 8 and not data.ref_rejected[computed].isnan().any()
+    # Every pair a step trains on has its reference: the engine's own batch order, not pairs_reached's.
+    engine_order = dpo.epoch_order([pair.length for pair in data.pairs], window=16, seed=0, epoch=0)
+    assert sorted(engine_order[:8]) == computed
+    assert all(math.isfinite(v) for v in store.run_metrics(project.db, run_id)["loss"][1])
+    # The pass reported its progress, 16 sequences (chosen and rejected of 8 pairs) in all.
+    reference = [(done, total) for phase, done, total in reports if phase.startswith("Reference pass")]
+    assert reference[0] == (0, 16) and reference[-1] == (16, 16)
+    assert [phase for phase, _, _ in reports][0] == "Loading the model"
+
+
+def test_a_run_that_spans_an_epoch_computes_every_reference():
+    config = dpo.Config(max_steps=3, batch_size=4)
+    assert dpo.pairs_reached(config, [5] * 12) == list(range(12))
+    assert len(dpo.pairs_reached(config, [5] * 13)) == 12
+
 def test_resume_after_kill_9_equals_an_uninterrupted_run(project):
     add_pairs(project)
     straight = make_run(project, max_steps=8)

@@ -62,6 +62,29 @@ def test_a_killed_child_becomes_a_failed_run_with_its_checkpoint_intact(project,
     assert [c["step"] for c in store.checkpoints(project.db, run_id)] == [3]
 
 
+@pytest.mark.parametrize("phase", ["model load", "training"])
+def test_stop_now_ends_the_child_in_any_phase_and_the_run_resumes_from_its_last_checkpoint(
+        project, make_toy_run, phase):
+    run_id = make_toy_run(max_steps=1000, checkpoint_every=3)
+    process = RunProcess(project.path, run_id)
+    messages = []
+    for message in process.messages():
+        messages.append(message)
+        if (phase == "model load" and message == ("progress", "Loading the model", 0, 1)) or (
+                phase == "training" and message[0] == "metrics" and message[1]["step"] == 4):
+            process.stop_now()
+    assert messages[-1] == ("finished", "stopped")
+    assert store.get_run(project.db, run_id)["status"] == "stopped"
+    resume_step = 0 if phase == "model load" else 3
+    assert [c["step"] for c in store.checkpoints(project.db, run_id)] == ([3] if resume_step else [])
+    assert f"from the last checkpoint (step {resume_step})" in messages[-2][1]
+
+    project.db.execute("UPDATE runs SET config = json_set(config, '$.max_steps', ?) WHERE id = ?",
+                       [resume_step + 2, run_id])  # resume briefly: the point is that it resumes
+    assert runs.execute(project.path, run_id) == "completed"
+    assert store.run_metrics(project.db, run_id)["loss"][0] == list(range(1, resume_step + 3))
+
+
 def test_a_failure_in_the_child_arrives_as_a_readable_message(project, make_toy_run):
     run_id = make_toy_run(fail_at_step=1, failure="CUDA out of memory (simulated)")
     messages = list(RunProcess(project.path, run_id).messages())

@@ -23,6 +23,24 @@ def test_run_completes_with_checkpoints_metrics_and_eval_samples(project, make_t
     assert len(store.samples(project.db, last["id"])) == 4  # one greedy sample per eval prompt
 
 
+def test_the_first_checkpoint_of_a_run_from_the_base_also_samples_the_base_once(project, make_toy_run):
+    from studio.core.generation import Decoding, generate
+
+    first = make_toy_run(max_steps=2, checkpoint_every=1)
+    reports = []
+    runs.execute(project.path, first, on_progress=lambda *report: reports.append(report))
+    base_samples = store.samples(project.db, None)  # Compare's Base column reads these
+    assert len(base_samples) == 4 and {s["decoding"]["max_new_tokens"] for s in base_samples} == {2}
+    model, tokenizer = runs.load_model_state(project.db, None)
+    prompts = {row["id"]: row["prompt"] for row in store.eval_prompts(project.db)}
+    expected = generate(model, tokenizer, [prompts[s["prompt_id"]] for s in base_samples], Decoding(max_new_tokens=2))
+    assert [s["text"] for s in base_samples] == [g.text for g in expected]
+    assert [r for r in reports if r[0] == "Eval samples of the base"][-1] == ("Eval samples of the base", 4, 4)
+    assert sum(r[0] == "Eval samples of the base" for r in reports) == 2  # at the first checkpoint only: 0/4, 4/4
+
+    runs.execute(project.path, make_toy_run(max_steps=1, checkpoint_every=1))
+    assert len(store.samples(project.db, None)) == 4  # stored once per project and decoding
+
 def test_unknown_setting_is_refused(make_toy_run):
     with pytest.raises(runs.ConfigError, match="bogus"):
         runs.make_config("toy", {"bogus": 1})

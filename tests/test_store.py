@@ -104,6 +104,17 @@ def test_metrics_round_trip_in_step_order(tmp_path):
         assert store.run_metrics(project.db, run_id)["loss"] == ([1], [1.0])
 
 
+def test_a_run_keeps_its_first_start_time_through_pause_stop_and_resume(tmp_path):
+    with store.Project.create(tmp_path / "p") as project:
+        run_id = store.create_run(project.db, "dpo", {"beta": 0.1})
+        store.set_run_status(project.db, run_id, "running")
+        started = store.get_run(project.db, run_id)["started_at"]
+        assert started is not None
+        for status in ("paused", "running", "stopped", "running"):
+            store.set_run_status(project.db, run_id, status)
+        assert store.get_run(project.db, run_id)["started_at"] == started
+
+
 def test_labelled_pairs_follow_undo_and_edits(tmp_path):
     with store.Project.create(tmp_path / "p") as project:
         db = project.db

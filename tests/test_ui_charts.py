@@ -221,6 +221,31 @@ def test_hover_readout_names_each_run_and_its_value(panel, chart_project):
     assert "DPO #1: <b>0.65</b> (step 5)" in panel.chart("loss").readout_html(5.2)
 
 
+def test_only_measured_metrics_are_smoothed_and_the_readout_gives_the_raw_value(panel, chart_project):
+    records = dpo_records(10)
+    for record in records:
+        record["loss"] += 0.05 * (-1) ** record["step"]  # noise, for the smoothing to average
+    run_id = write_run(chart_project, "dpo", {"beta": 0.1}, records)
+    panel.set_project(chart_project.path)
+    panel.set_smoothing(0.5)
+    panel.show_runs([run_id])
+    assert panel.chart("loss").curves[run_id].smoothed is not None
+    assert panel.chart("samples_seen").curves[run_id].smoothed is None  # a counter: shown as logged
+    readout = panel.chart("loss").readout_html(5.0)
+    smoothed = panel.chart("loss").curves[run_id].smoothed[4]
+    assert f"<b>{0.65 - 0.05:.4g}</b> (step 5, smoothed {smoothed:.4g})" in readout
+
+
+def test_a_single_point_is_drawn_as_a_marker_on_a_readable_x_range(panel, chart_project):
+    run_id = write_run(chart_project, "dpo", {"beta": 0.1}, dpo_records(1))
+    panel.set_project(chart_project.path)
+    panel.show_runs([run_id])
+    panel.redraw_now()
+    chart = panel.chart("loss")
+    assert chart._items[run_id][1].opts["symbol"] == "o"
+    (left, right), _ = chart.plotItem.getViewBox().viewRange()
+    assert left < 1 < right and right - left > 0.1  # not the 1e-9 wide range whose ticks overlapped
+
 def test_the_plot_area_is_drawn(panel, chart_project, qtbot):
     run_id = write_run(chart_project, "dpo", {"beta": 0.1}, dpo_records(50))
     panel.set_project(chart_project.path)

@@ -28,7 +28,7 @@ def select_data(config, db):
 
 
 class Engine:
-    def __init__(self, config, policy, tokenizer, data, device, run_dir):
+    def __init__(self, config, policy, tokenizer, data, device, run_dir, on_progress=None):
         self.model = policy
         self.config = config
         self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)

@@ -279,7 +279,7 @@ class BundleSink(runs.BufferedSink):
                 {"status": status, "error": error, "step": self.step, "processes": distributed.world_size(),
                  "updated_at": time.time()}))
 
-    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None:
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict], base_samples: list[dict] = ()) -> None:
         if self.writes:
             append_jsonl(self.checkpoints_path, [{"step": step, "folder": folder.name, "samples": samples}])
 

@@ -33,6 +33,7 @@ import torch
 
 from . import distributed, rewards
 from .generation import stop_token_ids
+from .progress import Progress, ignore
 from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, run_prompts,
                   sample_rollout, saved_prompt_ids, select_data)
 from .runs import ConfigError, TrainConfig, make_optimizer, peak_memory_mb
@@ -142,7 +143,8 @@ class Engine:
 
     advantages_need_logprobs = False
 
-    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path,
+                 on_progress: Progress = ignore) -> None:
         if distributed.world_size() > 1:
             raise ConfigError("GRPO and RLOO train in one process for now: launch the bundle without "
                               "torchrun / accelerate (DPO and PPO run data-parallel)")

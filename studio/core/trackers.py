@@ -248,8 +248,8 @@ class ReportingSink:
         if self.reporter is not None:
             self.reporter.log(record)
 
-    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict]) -> None:
-        self.sink.checkpoint_saved(step, folder, samples)
+    def checkpoint_saved(self, step: int, folder: Path, samples: list[dict], base_samples: list[dict] = ()) -> None:
+        self.sink.checkpoint_saved(step, folder, samples, base_samples)
         if self.reporter is not None:
             self.reporter.log_samples(step, [{"prompt": self.prompts.get(s["prompt_id"], ""), "completion": s["text"]}
                                              for s in samples])

@@ -18,7 +18,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QApplication, QDockWidget, QFileDialog, QFrame, QLabel, QMainWindow, QMessageBox, QScrollArea, QTabWidget, QToolBar,
+    QApplication, QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget, QToolBar,
     QWidget,
 )
 
@@ -32,7 +32,9 @@ from .panels.label import LabelPanel
 from .panels.projects import NewProjectDialog, ProjectsPanel, default_projects_dir
 from .panels.run_setup import RunSetupPanel
 from .panels.runs import RunsPanel
+from .pages import PageScroll
 from .scale_out import ScaleOutActions, cuda_device_count
+from .wheel import WheelGuard
 from .workers import RunQueue, describe_error, load_engines, run_in_background, wait_for_background_jobs
 
 try:
@@ -52,6 +54,7 @@ STYLE_SHEET = Path(__file__).resolve().parents[2] / "resources" / "style.qss"
 AREAS = {"left": Qt.DockWidgetArea.LeftDockWidgetArea, "right": Qt.DockWidgetArea.RightDockWidgetArea,
          "bottom": Qt.DockWidgetArea.BottomDockWidgetArea, "top": Qt.DockWidgetArea.TopDockWidgetArea}
 DOCK_SIZES = {"left": 370, "right": 410, "bottom": 290}
+WIDE_LAYOUT = 1500  # px: narrower windows put the left docks in tabs beside run setup
 
 
 @dataclass
@@ -114,6 +117,8 @@ class MainWindow(QMainWindow):
         self.setDockNestingEnabled(True)
         self.setAcceptDrops(True)
 
+        self.wheel_guard = WheelGuard(self)  # the wheel scrolls the page over unfocused values and charts
+        QApplication.instance().installEventFilter(self.wheel_guard)
         self.queue = RunQueue(self)
         self.projects_panel = ProjectsPanel()
         self.data_panel = DataPanel()
@@ -164,10 +169,7 @@ class MainWindow(QMainWindow):
         self._specs.append(spec)
         if spec.area == "centre":
             # A scroll area per tab: a wide panel scrolls instead of squeezing the docks beside it.
-            scroll = QScrollArea()
-            scroll.setWidgetResizable(True)
-            scroll.setFrameShape(QFrame.Shape.NoFrame)
-            scroll.setWidget(spec.widget)
+            scroll = PageScroll(spec.widget)
             self.centre.addTab(scroll, icon(spec.icon) if spec.icon else icon(""), spec.title)
             self.centre.tabBar().setVisible(self.centre.count() > 1)
             return
@@ -181,17 +183,30 @@ class MainWindow(QMainWindow):
         self.docks[spec.key] = dock
 
     def apply_default_layout(self) -> None:
-        """Left: project over data; centre: charts; right: run setup; bottom: runs and log."""
+        """Left: project over data; centre: charts; right: run setup; bottom: runs and log.
+
+        A window narrower than WIDE_LAYOUT px puts project and data in tabs beside run setup, so the
+        centre keeps room for compare and label; a low one gets a lower runs dock.
+        """
+        size, narrow = self.size(), self.width() < WIDE_LAYOUT
         by_area: dict[str, list[QDockWidget]] = {}
+        for dock in self.docks.values():  # all out first: tabs of a previous layout must not survive
+            dock.setFloating(False)
+            self.removeDockWidget(dock)
         for spec in self._specs:
             if spec.area in AREAS:
+                area = "right" if narrow and spec.area == "left" else spec.area
                 dock = self.docks[spec.key]
-                dock.setFloating(False)
-                self.removeDockWidget(dock)
-                self.addDockWidget(AREAS[spec.area], dock)
+                self.addDockWidget(AREAS[area], dock)
                 dock.show()
-                by_area.setdefault(spec.area, []).append(dock)
+                by_area.setdefault(area, []).append(dock)
         for area, docks in by_area.items():
+            if narrow and area == "right":
+                for dock in docks[1:]:
+                    self.tabifyDockWidget(docks[0], dock)
+                self.docks["run_setup"].raise_()
+                self.resize(size)  # the docks were stacked for a moment: the window grew to hold them
+                continue
             orientation = Qt.Orientation.Horizontal if area in ("top", "bottom") else Qt.Orientation.Vertical
             for previous, dock in zip(docks, docks[1:]):
                 self.splitDockWidget(previous, dock, orientation)
@@ -199,7 +214,8 @@ class MainWindow(QMainWindow):
         self.resizeDocks(width, [DOCK_SIZES[a] for a in ("left", "right") if by_area.get(a)],
                          Qt.Orientation.Horizontal)
         if by_area.get("bottom"):
-            self.resizeDocks(by_area["bottom"][:1], [DOCK_SIZES["bottom"]], Qt.Orientation.Vertical)
+            height = min(DOCK_SIZES["bottom"], int(self.height() * 0.3))
+            self.resizeDocks(by_area["bottom"][:1], [height], Qt.Orientation.Vertical)
         left = by_area.get("left", [])
         if len(left) == 2:
             self.resizeDocks(left, [340, 560], Qt.Orientation.Vertical)
@@ -242,6 +258,8 @@ class MainWindow(QMainWindow):
         self.resume_action = a("&Resume", self.runs_panel.resume, "fa6s.forward-step", "F7", "Resume the paused run")
         self.stop_action = a("S&top", self.runs_panel.stop, "fa6s.stop", "Shift+F5",
                              "Stop after this step (a checkpoint is saved)")
+        self.stop_now_action = a("Stop &Now", self.runs_panel.stop_now, "fa6s.power-off", "Ctrl+Shift+F5",
+                                 "End the run now, in any phase; it resumes from its last checkpoint")
         self.reset_layout_action = a("Reset &Layout", self.reset_layout, "fa6s.rotate-left")
         self.about_action = a("&About Alignment Studio", self.about, "fa6s.circle-info")
 
@@ -257,7 +275,8 @@ class MainWindow(QMainWindow):
         run_menu = bar.addMenu("&Run")
         run_menu.addActions([self.new_dpo_action, self.new_ppo_action])
         run_menu.addSeparator()
-        run_menu.addActions([self.start_action, self.pause_action, self.resume_action, self.stop_action])
+        run_menu.addActions([self.start_action, self.pause_action, self.resume_action, self.stop_action,
+                             self.stop_now_action])
         run_menu.addSeparator()
         self.scale_out = ScaleOutActions(self)  # bundle / import / follow / launch on N GPUs
         run_menu.addMenu(self.scale_out.menu)
@@ -617,6 +636,7 @@ class MainWindow(QMainWindow):
         self.pause_action.setEnabled(panel.pause_button.isEnabled())
         self.resume_action.setEnabled(panel.resume_button.isEnabled())
         self.stop_action.setEnabled(panel.stop_button.isEnabled())
+        self.stop_now_action.setEnabled(panel.stop_now_button.isEnabled())
         self.scale_out.update_enabled()
 
     def _update_status(self) -> None:
@@ -637,7 +657,8 @@ class MainWindow(QMainWindow):
             state = run.get("display_status") or ("paused" if self.queue.is_paused else "running")
             waiting = len(self.queue.queued)
             more = f", {waiting} waiting" if waiting else ""
-            self.run_label.setText(f"{self._run_name(current)} {state}{more}")
+            phase = f" · {run['phase']}" if run.get("phase") else ""
+            self.run_label.setText(f"{self._run_name(current)} {state}{phase}{more}")
 
     # --- settings, closing --------------------------------------------------------------------
     def _restore_window(self) -> None:
@@ -669,21 +690,36 @@ class MainWindow(QMainWindow):
                                       QMessageBox.StandardButton.No)
         return answer == QMessageBox.StandardButton.Yes
 
+    def ask_stop_strength(self) -> str | None:
+        """Quitting during a run: "step" (stop after this step), "now" (end it now), or None (stay).
+        Tests replace this method."""
+        box = QMessageBox(QMessageBox.Icon.Question, "Stop training and quit?",
+                          "A run is in progress. Stop it after the current step (a checkpoint is saved), or "
+                          "end it now (it resumes from its last checkpoint)?", parent=self)
+        after_step = box.addButton("Stop after this step", QMessageBox.ButtonRole.AcceptRole)
+        now = box.addButton("Stop now", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(after_step)
+        box.exec()
+        return {after_step: "step", now: "now"}.get(box.clickedButton())
+
     def closeEvent(self, event) -> None:
         if self.queue.busy:
+            strength = "now" if self._closing else None
             if not self._closing:
-                if not self.confirm("Stop training and quit?",
-                                    "A run is in progress. Stop it after the current step (a checkpoint is "
-                                    "saved, so it can be resumed later) and quit?"):
+                strength = self.ask_stop_strength()
+                if strength is None:
                     event.ignore()
                     return
                 self._closing = True
                 self.queue.idle.connect(self._close_when_idle)
-                self.queue.stop_all()
                 for dock in self.docks.values():
                     dock.widget().setEnabled(False)
                 self.toolbar.setEnabled(False)
-                self.statusBar().showMessage("Stopping the run after this step and saving a checkpoint…")
+                self.statusBar().showMessage("Stopping the run now…" if strength == "now" else
+                                             "Stopping the run after this step and saving a checkpoint… "
+                                             "(Quit again to stop it now)")
+            self.queue.stop_all(now=strength == "now")
             event.ignore()
             return
         self.save_window()

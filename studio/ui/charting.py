@@ -326,7 +326,7 @@ class RunData:
         """The finite points of `metric` against `x` (from x_values), smoothed when weight > 0."""
         raw = self.values(metric)
         smoothed = None
-        if weight > 0:
+        if weight > 0 and is_noisy(metric):
             smoothed = self._smoothers.setdefault(metric, EmaCache()).smooth(raw, weight, self.revision)
         keep = np.isfinite(x) & np.isfinite(raw)
         steps = self.steps.data
@@ -336,6 +336,15 @@ class RunData:
         if len(raw) == 0:
             return None
         return Curve(self.run_id, self.name, metric, steps, x, raw, smoothed)
+
+
+# Schedules and counters: nothing to average, and a smoothed learning rate would misstate the schedule.
+NOT_NOISY = {"learning_rate", "epoch", "samples_seen", "memory/peak_mb", "kl_coef"}
+
+
+def is_noisy(metric: str) -> bool:
+    """Whether a metric is smoothed (a measured quantity), rather than a schedule, counter or data count."""
+    return metric not in NOT_NOISY and not metric.startswith("data/")
 
 
 def _first_finite(values: np.ndarray) -> float:

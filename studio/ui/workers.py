@@ -96,6 +96,7 @@ class RunWorker(QObject):
     # The child's messages, by kind, become these signals (each with the run id first).
     metrics = Signal(int, dict)  # run id, step record ({"step", "time", metric: value, ...})
     log = Signal(int, str)
+    progress = Signal(int, str, int, int)  # run id, phase, done, total: a long phase before or between steps
     paused = Signal(int)  # the run is really waiting now (after the step in progress)
     resumed = Signal(int)
     finished = Signal(int, str)  # run id, final status: "completed" | "stopped"
@@ -138,6 +139,7 @@ class RunQueue(QObject):
     started = Signal(int)
     metrics = Signal(int, dict)
     log = Signal(int, str)
+    progress = Signal(int, str, int, int)
     paused = Signal(int)
     resumed = Signal(int)
     finished = Signal(int, str)
@@ -183,8 +185,12 @@ class RunQueue(QObject):
         return self._worker is not None and self._worker.control.paused
 
     @property
+    def stopping_now(self) -> bool:
+        return self._worker is not None and self._worker.process.stopping_now
+
+    @property
     def stopping(self) -> bool:
-        return self._worker is not None and self._worker.control.stop_requested
+        return self._worker is not None and (self._worker.control.stop_requested or self._worker.process.stopping_now)
 
     # --- the queue ---
     def enqueue(self, run_id: int) -> bool:
@@ -243,12 +249,21 @@ class RunQueue(QObject):
         if self._worker is not None:
             self._worker.control.stop()
 
-    def stop_all(self) -> None:
-        """Cancel every waiting run and stop the current one (closing the window, switching project)."""
+    def stop_now(self) -> None:
+        """End the current run's process now, in any phase; it resumes from its last checkpoint."""
+        if self._worker is not None:
+            self._worker.process.stop_now()
+
+    def stop_all(self, now: bool = False) -> None:
+        """Cancel every waiting run and stop the current one (closing the window, switching project):
+        after its step with a checkpoint, or `now`."""
         self._stopping_all = True
         for run_id in list(self._queued):
             self.cancel(run_id)
-        self.stop()
+        if now:
+            self.stop_now()
+        else:
+            self.stop()
         self._emit_idle_if_idle()
 
     def wait(self, msecs: int = 60000) -> bool:
@@ -268,7 +283,7 @@ class RunQueue(QObject):
         worker.moveToThread(thread)
         thread.started.connect(worker.run)
         worker.done.connect(thread.quit, Qt.ConnectionType.DirectConnection)
-        for name in ("metrics", "log", "paused", "resumed", "finished", "failed"):
+        for name in ("metrics", "log", "progress", "paused", "resumed", "finished", "failed"):
             getattr(worker, name).connect(getattr(self, name))
         thread.finished.connect(self._on_thread_finished)
         self._worker, self._thread = worker, thread

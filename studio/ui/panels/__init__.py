@@ -123,6 +123,37 @@ def show_message(parent: QWidget, title: str, text: str, details: str | None = N
     return box
 
 
+def ask_once(parent: QWidget, key: str, title: str, text: str, settings: dict[str, Any], on_yes) -> QMessageBox | None:
+    """Before long work: show the `settings` it will use and call `on_yes()` if the user goes ahead.
+
+    Non-blocking like show_message. "Don't ask again" (kept in QSettings under ``ask/<key>``) makes
+    later calls go ahead at once; returns the box, or None when it was not shown.
+    """
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QCheckBox
+
+    if QSettings().value(f"ask/{key}", False, bool):
+        on_yes()
+        return None
+    box = QMessageBox(QMessageBox.Icon.Question, title, text,
+                      QMessageBox.StandardButton.Ok | QMessageBox.StandardButton.Cancel, parent)
+    box.button(QMessageBox.StandardButton.Ok).setText("Start")
+    box.setInformativeText("<br>".join(f"{name}: <b>{value}</b>" for name, value in settings.items()))
+    dont_ask = QCheckBox("Don't ask again")  # kept referenced (by finished): PySide would free it otherwise
+    box.setCheckBox(dont_ask)
+    box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+
+    def finished(_result: int) -> None:
+        if box.clickedButton() is box.button(QMessageBox.StandardButton.Ok):
+            if dont_ask.isChecked():
+                QSettings().setValue(f"ask/{key}", True)
+            on_yes()
+
+    box.finished.connect(finished)
+    box.open()
+    return box
+
+
 class RecordsTableModel(QAbstractTableModel):
     """A table of dicts with an "id", one per row, under fixed column titles: subclasses say what each
     cell shows."""

@@ -149,6 +149,9 @@ class MetricChart(pg.PlotWidget):
         if curve.smoothed is not None:
             raw_item.setData(x, ys[0])
         main_item.setData(x, ys[-1])
+        main_item.setSymbol("o" if len(x) == 1 else None)  # a lone point has no line to show it
+        main_item.setSymbolSize(6)
+        main_item.setSymbolBrush(main_item.opts["pen"].color())
 
     def _redraw_curves(self) -> None:
         """The x range or the size changed: decimate again for it, then fit y to what shows."""
@@ -249,9 +252,9 @@ class MetricChart(pg.PlotWidget):
         lines = []
         for curve in self.curves.values():
             i = nearest_index(curve.x, x, self.monotonic_x)
-            value = curve.raw[i] if curve.smoothed is None else curve.smoothed[i]
+            smoothed = "" if curve.smoothed is None else f", smoothed {curve.smoothed[i]:.4g}"
             lines.append(f'<span style="color:{run_colour(curve.run_id)}">■</span> '
-                         f"{curve.run_name}: <b>{value:.4g}</b> (step {int(curve.steps[i])})")
+                         f"{curve.run_name}: <b>{curve.raw[i]:.4g}</b> (step {int(curve.steps[i])}{smoothed})")
         return "<br>".join(lines)
 
     # --- export ---
@@ -677,7 +680,7 @@ class ChartsPanel(QWidget):
         if not lows:
             return
         low, high = min(lows), max(highs)
-        span = max(high - low, 1e-9)
+        span = high - low if high > low else max(abs(high), 1.0)  # one point: a readable range around it
         (left, right), _ = self._x_master.plotItem.getViewBox().viewRange()
         # A new x range re-downsamples every curve and redraws every axis: keep the current one
         # while the data fits it without too much empty room, and leave room to grow into.

@@ -199,6 +199,7 @@ class Pane(QFrame):
         # Above the text, so the figures line up across panes whatever the texts' lengths.
         self.figures = QLabel()
         self.figures.setTextFormat(Qt.TextFormat.RichText)
+        self.figures.setWordWrap(True)  # a long figures line must not set the pane's (and the tab's) minimum width
         self.figures.setStyleSheet("background: #f6f7f9; border-radius: 4px; padding: 4px 6px;")
         layout.addWidget(self.figures)
 

@@ -19,19 +19,24 @@ from PySide6.QtCore import QCoreApplication, QSettings, Qt, QThread, QTimer, Sig
 from PySide6.QtGui import QColor, QFont, QFontMetrics, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QAbstractItemView, QAbstractScrollArea, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog,
-    QFormLayout, QFrame, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar,
-    QPushButton, QSizePolicy, QSpinBox, QTableWidget, QTableWidgetItem, QTextBrowser, QVBoxLayout,
+    QFormLayout, QFrame, QGridLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar,
+    QPushButton, QSizePolicy, QSpinBox, QTableWidget, QTableWidgetItem, QTabWidget, QTextBrowser, QVBoxLayout,
     QWidget,
 )
 
 from studio.core import labelling, store
+from studio.core.progress import ProgressMeter
 
-from . import ACCENT, DANGER, MUTED, OK, bold, hint_label, icon, show_message
+from . import ACCENT, DANGER, MUTED, OK, ask_once, bold, hint_label, icon, show_message
 from ..workers import describe_error
 
 ANNOTATOR_SETTING = "label/annotator"
 MODES = (("states", "Two model states"), ("samples", "Two samples of one state"), ("pairs", "Imported pairs"))
 CHOICE_NAMES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad", "skip": "Skipped"}
+
+
+def _shown_value(widget) -> str:
+    return widget.currentText() if isinstance(widget, QComboBox) else widget.text()
 
 
 class BatchWorker(QThread):
@@ -114,6 +119,7 @@ class LabelPanel(QWidget):
         self.current: dict | None = None
         self.worker: BatchWorker | None = None
         self.planned = 0  # comparisons the running batch will add
+        self._batch_progress = ProgressMeter()  # count, rate and ETA of the running batch
         self._choosing_edit_side = False
         self._editing: ResponseView | None = None
         self._reveal_timer = QTimer(self, singleShot=True, timeout=self._show_next)
@@ -129,16 +135,22 @@ class LabelPanel(QWidget):
     # --- layout -------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        layout = QHBoxLayout(self)
-        layout.addLayout(self._build_labelling(), 1)
-        side = QVBoxLayout()
-        side.addWidget(self._build_batch_box())
-        side.addWidget(self._build_results_box(), 1)
-        holder = QWidget()
-        holder.setLayout(side)
-        holder.setFixedWidth(440)
-        side.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(holder)
+        """Three pages, so the pair gets the whole width (it fits beside the docks at 1366 px) and the
+        ranking never updates beside a pair being labelled blind."""
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.pages = QTabWidget()
+        self.pages.setDocumentMode(True)
+        labelling_page = QWidget()
+        labelling_page.setLayout(self._build_labelling())
+        self.pages.addTab(labelling_page, icon("fa6s.tags"), "Label")
+        batch_page = QWidget()
+        batch_layout = QVBoxLayout(batch_page)
+        batch_layout.addWidget(self._build_batch_box())
+        batch_layout.addStretch(1)
+        self.pages.addTab(batch_page, icon("fa6s.wand-magic-sparkles"), "New batch")
+        self.pages.addTab(self._build_results_box(), icon("fa6s.ranking-star"), "Ranking")
+        layout.addWidget(self.pages)
 
     def _build_labelling(self) -> QVBoxLayout:
         column = QVBoxLayout()
@@ -154,15 +166,19 @@ class LabelPanel(QWidget):
         self.blind_check.setChecked(True)
         self.blind_check.setToolTip("Hide which model wrote each side until you have labelled it")
         self.blind_check.toggled.connect(self._show_sources_if_not_blind)
+        self.blind_check.toggled.connect(lambda _blind: self._update_progress())
         top.addWidget(self.blind_check)
         self.progress_bar = QProgressBar()
         top.addWidget(self.progress_bar, 1)
         column.addLayout(top)
+        self.status = hint_label()  # up here, where it is seen: what to do next, what was saved
+        column.addWidget(self.status)
         self.source_counts = hint_label()
         column.addWidget(self.source_counts)
 
-        column.addWidget(bold(QLabel("Prompt"), 1))
         self.prompt_view = QTextBrowser()
+        self.prompt_view.setPlaceholderText("Prompt")
+        self.prompt_view.setToolTip("The prompt both responses answer")
         self.prompt_view.setFont(_reading_font(self.prompt_view.font()))
         self.prompt_view.setMaximumHeight(90)
         column.addWidget(self.prompt_view)
@@ -172,18 +188,16 @@ class LabelPanel(QWidget):
             sides.addWidget(view)
         column.addLayout(sides, 1)
 
-        buttons = QHBoxLayout()
+        buttons = QGridLayout()  # two rows of four: narrow enough for the centre of a 1366 px window
         self.buttons = {}
-        for key, text, action, icon_name in self._key_actions():
+        for index, (key, text, action, icon_name) in enumerate(self._key_actions()):
             button = QPushButton(icon(icon_name), f"{text}  [{key}]")
             button.setFocusPolicy(Qt.FocusPolicy.NoFocus)  # keys stay with the panel
-            button.setMinimumHeight(34)
+            button.setMinimumHeight(30)
             button.clicked.connect(action)
-            buttons.addWidget(button)
+            buttons.addWidget(button, *divmod(index, 4))
             self.buttons[key] = button
         column.addLayout(buttons)
-        self.status = hint_label()
-        column.addWidget(self.status)
         return column
 
     def _build_batch_box(self) -> QGroupBox:
@@ -225,6 +239,7 @@ class LabelPanel(QWidget):
 
     def _build_results_box(self) -> QGroupBox:
         box = QGroupBox("How the model states rank (all annotators)")
+        box.setFlat(True)
         layout = QVBoxLayout(box)
         self.results_table = QTableWidget(0, 5)
         self.results_table.setHorizontalHeaderLabels(["Model state", "Games", "Win rate", "BT ± 95% CI", "Elo"])
@@ -321,7 +336,8 @@ class LabelPanel(QWidget):
         self._update_progress()
         if self.current is None:
             waiting = self.worker is not None and self.session is not None
-            self._show_empty("Generating the next pair…" if waiting else self._done_message())
+            self._show_empty(f"Waiting for the next pair: {self._batch_progress.text()}" if waiting
+                             else self._done_message())
             return
         self.prompt_view.setPlainText(_prompt_text(self.current["prompt"]))
         for side, view in self.views.items():
@@ -334,8 +350,8 @@ class LabelPanel(QWidget):
         if self.session is None:
             return "Type your name in the Annotator field to start labelling."
         if not self.session.queue:
-            return "No comparisons yet: create a batch on the right."
-        return "All labelled. Create another batch on the right, or export your labels as preference data."
+            return "No comparisons yet: create one on the New batch page."
+        return "All labelled. Create another batch on the New batch page, or export your labels from Ranking."
 
     def _show_empty(self, message: str) -> None:
         self.current = None
@@ -356,8 +372,9 @@ class LabelPanel(QWidget):
         self.progress_bar.setRange(0, max(total, 1))
         self.progress_bar.setValue(progress["done"])
         self.progress_bar.setFormat(f"{progress['done']} / {total} labelled")
-        self.source_counts.setText("   ·   ".join(f"{name}: {c['done']}/{c['total']}"
-                                                 for name, c in progress["by_source"].items()))
+        # Per-source counts name the model states: shown only when labelling is not blind.
+        self.source_counts.setText("" if self.blind_check.isChecked() else "   ·   ".join(
+            f"{name}: {c['done']}/{c['total']}" for name, c in progress["by_source"].items()))
 
     def _show_sources_if_not_blind(self) -> None:
         if self.current is not None and not self.blind_check.isChecked():
@@ -478,8 +495,13 @@ class LabelPanel(QWidget):
             self.temperature_spin.setValue(0.8)  # two greedy samples would be identical
 
     def _create_or_stop(self) -> None:
-        if self.worker is None:
-            self.create_batch()
+        if self.worker is None:  # show what the batch will generate (ask once), then create it
+            fields = [self._form.itemAt(row, QFormLayout.ItemRole.FieldRole) for row in range(self._form.rowCount())]
+            labelled = [(self._form.labelForField(item.widget()), item.widget()) for item in fields if item is not None]
+            shown = {label.text(): _shown_value(widget) for label, widget in labelled
+                     if label is not None and self._form.isRowVisible(widget)}
+            ask_once(self, "label_batch", "Create a batch of comparisons?",
+                     "Generating the pairs runs the models: with these settings,", shown, self.create_batch)
         else:  # without blocking: the worker ends after the comparison in progress
             self.worker.requestInterruption()
             self.batch_status.setText("Stopping after the pair in progress…")
@@ -494,8 +516,10 @@ class LabelPanel(QWidget):
             show_message(self, "Cannot create comparisons", str(exc))
             return
         annotator = self.annotator_edit.text().strip()
+        self.pages.setCurrentIndex(0)  # the pairs (or what is missing) show on the Label page
         if not annotator:
             self._show_empty("Type your name in the Annotator field first.")
+            self.annotator_edit.setFocus()
             return
         QSettings().setValue(ANNOTATOR_SETTING, annotator)
         self.session = labelling.LabellingSession(self.db, annotator, [])
@@ -505,7 +529,8 @@ class LabelPanel(QWidget):
         self.worker.failed.connect(self._batch_failed)
         self.worker.finished.connect(self._batch_finished)
         self.create_button.setText("Stop generating")
-        self.batch_status.setText(f"Generating 0 of {count}…")
+        self._batch_progress.update("Generating pairs", 0, count)
+        self.batch_status.setText(f"{self._batch_progress.text()} (the model states load first)")
         self.worker.start()
         self._show_next()
 
@@ -547,7 +572,8 @@ class LabelPanel(QWidget):
         if self.sender() is not self.worker or self.session is None:
             return  # queued from a batch stopped since (perhaps of another project)
         self.session.add([comparison_id])
-        self.batch_status.setText(f"Generating {len(self.session.queue)} of {self.planned}…")
+        self._batch_progress.update("Generating pairs", len(self.session.queue), self.planned)
+        self.batch_status.setText(self._batch_progress.text())
         if self.current is None:
             self._show_next()
         else:
@@ -565,6 +591,7 @@ class LabelPanel(QWidget):
         self.planned = 0
         made = len(self.session.queue) if self.session else 0
         self.create_button.setText("Create batch")
+        self._batch_progress.clear()
         self.batch_status.setText(f"{made} comparisons ready.")
         if self.current is None:
             self._show_next()

@@ -24,7 +24,9 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
 
-from . import DANGER, WARNING, hint_label, icon
+from . import DANGER, WARNING, ask_once, hint_label, icon
+
+SUMMARY_SETTINGS = ("max_steps", "checkpoint_every", "learning_rate", "batch_size", "beta", "reward_sources")
 
 METHODS = (("dpo", "DPO"), ("ppo", "PPO"), ("grpo", "GRPO"), ("rloo", "RLOO"))
 SHAPING_METHODS = ("ppo", "grpo", "rloo")  # learn from reward signals on the policy's own samples
@@ -418,6 +420,7 @@ class RewardSourcesTable(QWidget):
     """
 
     COLUMNS = ("Type", "Weight", "Parameters")
+    edited = Signal()  # the user changed a source (not set_value): the project keeps them as its setting
 
     def __init__(self, catalogue: dict, defaults: list[dict] | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -446,7 +449,7 @@ class RewardSourcesTable(QWidget):
         buttons = QHBoxLayout()
         self.add_button = QPushButton(icon("fa6s.plus"), "Add source")
         self.add_button.setToolTip("Add a reward source; choose its type in the table")
-        self.add_button.clicked.connect(lambda: self.add_row())
+        self.add_button.clicked.connect(self._add_clicked)
         self.remove_button = QPushButton(icon("fa6s.trash-can"), "Remove")
         self.remove_button.clicked.connect(self.remove_selected)
         buttons.addWidget(self.add_button)
@@ -465,6 +468,10 @@ class RewardSourcesTable(QWidget):
         self.set_value(self.defaults)
 
     # --- rows ---
+    def _add_clicked(self) -> None:
+        self.add_row()
+        self.edited.emit()
+
     def add_row(self, source: dict | None = None) -> None:
         source = dict(source or {})
         kind = source.get("type") or (next(iter(self.catalogue)) if self.catalogue else "")
@@ -515,11 +522,13 @@ class RewardSourcesTable(QWidget):
         self._update_summary(row)
         self.table.setCurrentCell(row, 2)
         self._show_params(row)
+        self.edited.emit()
 
     def _on_weight_changed(self, box: QWidget, value: float) -> None:
         row = self._row_of(box, 1)
         if row >= 0:
             self.sources[row]["weight"] = value
+            self.edited.emit()
 
     def _update_summary(self, row: int) -> None:
         params = self.sources[row]["params"]
@@ -537,6 +546,7 @@ class RewardSourcesTable(QWidget):
             self.table.removeRow(row)
             del self.sources[row]
             self._show_params(self.table.currentRow())
+            self.edited.emit()
 
     # --- the parameter form of the selected source ---
     def _show_params(self, row: int) -> None:
@@ -572,6 +582,7 @@ class RewardSourcesTable(QWidget):
         if 0 <= row < len(self.sources):
             self.sources[row]["params"][name] = editor.value()
             self._update_summary(row)
+            self.edited.emit()
 
     # --- value ---
     def value(self) -> list[dict]:
@@ -706,7 +717,7 @@ class RunSetupPanel(QWidget):
         self.launch_button = QPushButton(icon("fa6s.play", "white"), "Queue run")
         self.launch_button.setProperty("primary", True)
         self.launch_button.setToolTip("Validate these settings and queue the run (runs start one after another)")
-        self.launch_button.clicked.connect(self.launch)
+        self.launch_button.clicked.connect(self.ask_and_launch)
         buttons.addWidget(self.reset_button)
         buttons.addStretch(1)
         buttons.addWidget(self.launch_button)
@@ -736,8 +747,11 @@ class RunSetupPanel(QWidget):
                 page = hint_label(self.unavailable[method], WARNING)
             else:
                 self.pages[method] = page
+                if page.rewards is not None:
+                    page.rewards.edited.connect(lambda rewards=page.rewards: self._keep_reward_sources(rewards))
             self.tabs.addTab(page, title)
         self.ready = True
+        self._show_project_reward_sources()
         self._update_enabled()
         self.refresh_hint()
 
@@ -750,7 +764,19 @@ class RunSetupPanel(QWidget):
         self.project = project
         self.clear_error()
         self.refresh()
+        self._show_project_reward_sources()
         self._update_enabled()
+
+    def _show_project_reward_sources(self) -> None:
+        """The project's `reward_sources` setting, if it has one, in the reward sources editor."""
+        page = self.pages.get("ppo")
+        if self.project is None or page is None or page.rewards is None:
+            return
+        from studio.core import store
+
+        sources = store.get_setting(self.project.db, "reward_sources")
+        if sources:
+            page.rewards.set_value(sources)
 
     def refresh(self) -> None:
         """Reload what depends on the project: checkpoints to start from, the data hint."""
@@ -797,6 +823,16 @@ class RunSetupPanel(QWidget):
                         "(Data panel, or drop a file on the window).")
         self.hint.setText(text)
         self.hint.setVisible(bool(text))
+        self._update_name_placeholder(method)
+
+    def _update_name_placeholder(self, method: str | None) -> None:
+        """The name a run of this tab's method gets when the field is left empty."""
+        next_id = 1
+        if self.project is not None:
+            from studio.core import store
+
+            next_id += max((run["id"] for run in store.list_runs(self.project.db)), default=0)
+        self.run_name.setPlaceholderText(f"automatic ({method.upper()} #{next_id})" if method else "automatic")
 
     # --- the form ---
     def current_method(self) -> str | None:
@@ -846,6 +882,32 @@ class RunSetupPanel(QWidget):
         self.error.setVisible(False)
 
     # --- launch ---
+    def _keep_reward_sources(self, rewards: "RewardSourcesTable") -> None:
+        """The user's reward sources become the project's `reward_sources` setting (the advisor scores with it)."""
+        if self.project is not None:
+            from studio.core import store
+
+            store.set_setting(self.project.db, "reward_sources", rewards.value())
+
+    def ask_and_launch(self) -> None:
+        """Queue run, clicked: show the settings the run will use (ask once), then launch."""
+        method = self.current_method()
+        if self.project is None or method not in self.pages:
+            self.launch()  # shows why it cannot
+            return
+        from studio.core import runs
+
+        values = self.pages[method].overrides()
+        defaults = runs.make_config(method).to_json()
+        shown = {"start from": self.start_from.currentText()}
+        shown.update({name: values[name] for name in values
+                      if name in SUMMARY_SETTINGS or values[name] != defaults.get(name)})
+        if "reward_sources" in shown:
+            shown["reward_sources"] = ", ".join(source["type"] for source in values["reward_sources"])
+        ask_once(self, "queue_run", f"Queue a {method.upper()} run?",
+                 f"The {method.upper()} run will train with these settings (the rest are the defaults):",
+                 shown, self.launch)
+
     def launch(self) -> int | None:
         """Validate and record a queued run; emits run_created(id). Problems are shown inline."""
         self.clear_error()
@@ -869,5 +931,6 @@ class RunSetupPanel(QWidget):
             return None
         self.pages[method].form.mark_invalid({})
         self.run_name.clear()
+        self._update_name_placeholder(method)
         self.run_created.emit(run_id)
         return run_id

@@ -19,6 +19,8 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QToolButton, QVBoxLayout, QWidget,
 )
 
+from studio.core.progress import ProgressMeter, format_duration
+
 from . import DANGER, MUTED, OK, WARNING, EmptyState, RecordsTableModel, hint_label, icon
 
 _Index = QModelIndex | QPersistentModelIndex
@@ -79,12 +81,6 @@ def config_diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def tokens_per_second(record: dict) -> float | None:
     for key, value in record.items():
         k = key.lower()
@@ -113,8 +109,8 @@ class RunsTableModel(RecordsTableModel):
                 return status
             if column == 3:
                 return f"{run['step']:,} / {run['max_steps']:,}" if run["max_steps"] else f"{run['step']:,}"
-            if column == 4:
-                return headline(run["last"]) or "—"
+            if column == 4:  # a long phase (model load, reference pass, eval samples) while it lasts
+                return run.get("phase") or headline(run["last"]) or "—"
             if column == 5:
                 started = run.get("started_at")
                 return time.strftime("%d %b %H:%M", time.localtime(started)) if started else "—"
@@ -154,6 +150,7 @@ class RunsPanel(QWidget):
         self.project = None
         self._pending_best: dict[int, tuple[str, bool]] = {}
         self._step_seconds: dict[int, float] = {}  # moving average per run, for the ETA
+        self._phase = ProgressMeter()  # the current run's long phase, if one is under way
         self._last_selection: list[int] | None = []
 
         layout = QVBoxLayout(self)
@@ -171,8 +168,12 @@ class RunsPanel(QWidget):
         self.resume_button.setToolTip("Resume the paused run")
         self.stop_button = QPushButton(icon("fa6s.stop"), "Stop")
         self.stop_button.setToolTip("Stop the running run after the current step; a checkpoint is saved")
+        self.stop_now_button = QPushButton(icon("fa6s.power-off"), "Stop now")
+        self.stop_now_button.setToolTip("End the run's process now, in any phase (model load, reference pass, "
+                                        "eval samples); resuming continues from its last checkpoint")
         for button, slot in ((self.start_button, self.start_selected), (self.pause_button, self.pause),
-                             (self.resume_button, self.resume), (self.stop_button, self.stop)):
+                             (self.resume_button, self.resume), (self.stop_button, self.stop),
+                             (self.stop_now_button, self.stop_now)):
             button.clicked.connect(slot)
             controls.addWidget(button)
         controls.addSpacing(16)
@@ -291,7 +292,8 @@ class RunsPanel(QWidget):
 
         for signal, slot in ((queue.started, self._on_started), (queue.finished, self._on_finished),
                              (queue.failed, self._on_failed), (queue.metrics, self._on_metrics),
-                             (queue.log, self._on_log), (queue.paused, self._on_paused),
+                             (queue.log, self._on_log), (queue.progress, self._on_progress),
+                             (queue.paused, self._on_paused),
                              (queue.resumed, self._on_resumed), (queue.queue_changed, self._on_queue_changed),
                              (queue.cancelled, self._on_cancelled)):
             signal.connect(slot)
@@ -308,6 +310,18 @@ class RunsPanel(QWidget):
         self.log_view.clear()
         self.refresh()
         self._reset_progress()
+        self._show_stored_logs()
+
+    def _show_stored_logs(self, lines: int = 400) -> None:
+        """The last `lines` lines the project's runs logged (kept in each run's folder), oldest first."""
+        if self.project is None:
+            return
+        from studio.core.run_log import read_run_log
+
+        entries = sorted((stamp, run["id"], text) for run in self.model.records
+                         for stamp, text in read_run_log(self.project.run_dir(run["id"])))
+        for stamp, run_id, text in entries[-lines:]:
+            self._log(run_id, text, stamp)
 
     def refresh(self) -> None:
         """Reload the runs from the store, keeping the selection."""
@@ -340,10 +354,12 @@ class RunsPanel(QWidget):
         if run_id in self.queue.queued:
             return "waiting"
         if run_id == self.queue.current:
-            if self.queue.stopping:
-                return "stopping…"
+            if self.queue.stopping:  # until the store says it has ended
+                return status if status in ("stopped", "completed", "failed") else "stopping…"
             if self.queue.is_paused and status != "paused":
                 return "pausing…"
+            if not self.queue.is_paused and status == "paused":  # resumed; the store follows a moment later
+                return "running"
             if status == "queued":
                 return "starting"
             return status
@@ -459,6 +475,12 @@ class RunsPanel(QWidget):
         self.queue.stop()
         self._refresh_current()
 
+    def stop_now(self) -> None:
+        if self.queue.current is not None:
+            self._log(self.queue.current, "Stop now requested: ending the run's process")
+        self.queue.stop_now()
+        self._refresh_current()
+
     def _refresh_current(self) -> None:
         current = self.queue.current
         if current is not None:
@@ -479,6 +501,7 @@ class RunsPanel(QWidget):
         self.pause_button.setEnabled(running and not self.queue.is_paused)
         self.resume_button.setEnabled(running and self.queue.is_paused)
         self.stop_button.setEnabled(running)
+        self.stop_now_button.setEnabled(current is not None and not self.queue.stopping_now)
         target = self._keep_best_target()
         self.keep_best_button.setEnabled(has_project and target is not None and bool(self.best_metric.currentText()))
         row = self.queue_list.currentRow()
@@ -530,6 +553,7 @@ class RunsPanel(QWidget):
     # --- worker signals ---
     def _on_started(self, run_id: int) -> None:
         self._step_seconds.pop(run_id, None)
+        self._phase.clear()
         self.refresh()
         run = self.model.record(run_id)
         if run:
@@ -541,7 +565,8 @@ class RunsPanel(QWidget):
             return
         last = {k: v for k, v in record.items() if k not in NOT_A_METRIC}
         status = "running" if run["status"] in ("queued", "running") else run["status"]
-        changes = {"step": record.get("step", run["step"]), "last": last, "status": status}
+        self._phase.clear()
+        changes = {"step": record.get("step", run["step"]), "last": last, "status": status, "phase": ""}
         if run.get("started_at") is None:  # set in the store when the run started, after the table loaded
             from studio.core import store
 
@@ -562,6 +587,25 @@ class RunsPanel(QWidget):
 
     def _metric_names(self) -> set[str]:
         return {self.best_metric.itemText(i) for i in range(self.best_metric.count())}
+
+    def _on_progress(self, run_id: int, phase: str, done: int, total: int) -> None:
+        """A long phase of the current run: its count, rate and ETA in the table, progress bar and label."""
+        run = self.model.record(run_id)
+        if run is None:
+            return
+        if done >= total:  # the phase is over: back to the step count
+            self._phase.clear()
+            self.model.update_record(run_id, phase="")
+            self._show_progress(run_id, run["step"], {})
+        else:
+            self._phase.update(phase, done, total)
+            text = self._phase.text()
+            self.model.update_record(run_id, phase=text)
+            self.progress.setRange(0, max(total, 1))
+            self.progress.setValue(done)
+            self.progress.setFormat(f"{done} / {total}")
+            self.progress_label.setText(f"<b>{run['name']}</b> · {text}")
+        self.controls_changed.emit()  # the status bar shows the phase too
 
     def _show_progress(self, run_id: int, step: int, record: dict) -> None:
         run = self.model.record(run_id)
@@ -616,10 +660,11 @@ class RunsPanel(QWidget):
     def _on_log(self, run_id: int, message: str) -> None:
         self._log(run_id, message)
 
-    def _log(self, run_id: int | None, message: str) -> None:
+    def _log(self, run_id: int | None, message: str, when: float | None = None) -> None:
         run = self.model.record(run_id) if run_id is not None else None
         who = run["name"] if run else (f"Run {run_id}" if run_id is not None else "")
-        stamp = time.strftime("%H:%M:%S")
+        stamp = time.strftime("%H:%M:%S" if when is None or time.time() - when < 86400 else "%d %b %H:%M",
+                              time.localtime(when))
         lines = message.splitlines() or [""]
         self.log_view.appendPlainText(f"{stamp}  {who:<10}  {lines[0]}")
         for line in lines[1:]:
