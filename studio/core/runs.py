@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import store
+from . import defaults, store
 from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
+REWARD_METRIC = "objective/scores"  # the raw reward of a step, for engines that have one (PPO)
 
 
 class ConfigError(StudioError):
@@ -115,10 +116,13 @@ def engine_module(method: str):
     return importlib.import_module(ENGINE_MODULES[method])
 
 
-def make_config(method: str, overrides: dict | None = None) -> TrainConfig:
-    """The engine's default config with `overrides` applied (unknown keys are an error)."""
+def make_config(method: str, overrides: dict | None = None, parameters: int | None = None) -> TrainConfig:
+    """The engine's default config, with the defaults for a model of `parameters` parameters
+    (defaults.py; None: the Config's own, measured on the small demo model), then `overrides`
+    applied (unknown keys are an error)."""
     module = engine_module(method)
-    return module.Config.from_json({**module.Config().to_json(), **(overrides or {}), "method": method})
+    return module.Config.from_json({**module.Config().to_json(), **defaults.defaults_for(method, parameters),
+                                    **(overrides or {}), "method": method})
 
 
 def create_run(db, config: TrainConfig, name: str | None = None) -> int:
@@ -328,6 +332,7 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
         if step:
             log(f"Resumed from the checkpoint at step {step}")
         last_saved = step
+        rewards = list(store.run_metrics(db, run_id).get(REWARD_METRIC, ([], []))[1])  # no-progress check
         while step < config.max_steps:
             if control.paused:
                 sink.flush()
@@ -350,6 +355,12 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
                 save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
                 last_saved = step
                 log(f"Checkpoint saved at step {step}")
+            if REWARD_METRIC in record:
+                rewards.append(record[REWARD_METRIC])
+                if step % config.checkpoint_every == 0:
+                    progress = defaults.no_progress(rewards, config.method.upper())
+                    if not progress.moving:
+                        log(progress.message)
         sink.flush()
         if step != last_saved:
             save_checkpoint(db, run_id, run_dir, step, engine, tokenizer, device, config)
