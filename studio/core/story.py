@@ -24,15 +24,17 @@ from . import advisor, labelling, store
 
 PPO_RUN = "Walkthrough: PPO shaping"
 DPO_RUN = "Walkthrough: DPO settling"
-PPO_SETTINGS = {"max_steps": 30, "checkpoint_every": 10}  # everything else: the measured defaults
-DPO_SETTINGS = {"max_steps": 20, "checkpoint_every": 10}
+# Everything else: the measured defaults. Sized for one sitting on a CPU: each checkpoint also
+# answers the 48 eval prompts (as long as a PPO step or more), so checkpoints are few.
+PPO_SETTINGS = {"max_steps": 24, "checkpoint_every": 12}
+DPO_SETTINGS = {"max_steps": 10, "checkpoint_every": 10}
 BASE_SAMPLES = 2  # sampled answers per eval prompt (plus a greedy one): enough to show the mess
 PAIRS_TO_LABEL = 10
 REWARD_ANNOTATOR = "reward (walkthrough)"
 
 STAGES = (
     ("base", "Sample the base model: how messy is it?"),
-    ("ppo", "Shape with PPO (30 steps)"),
+    ("ppo", f"Shape with PPO ({PPO_SETTINGS['max_steps']} steps)"),
     ("advisor", "Read the stage advisor"),
     ("label", f"Label {PAIRS_TO_LABEL} pairs from the advised checkpoint"),
     ("dpo", "Settle with DPO from that checkpoint"),

@@ -142,8 +142,7 @@ class MainWindow(QMainWindow):
         self._restore_window()
         self._update_actions()
         self._update_status()
-        if load_engines_now:
-            QTimer.singleShot(0, self.load_engines)
+        self._engines_pending = load_engines_now  # loaded after the first paint: see paintEvent
 
     # --- layout: the one place panels are listed ---------------------------------------------
     def panel_specs(self) -> list[PanelSpec]:
@@ -314,6 +313,12 @@ class MainWindow(QMainWindow):
         self.advisor_panel.trial_created.connect(self._on_trial_created)
 
     # --- engines (torch) in the background --------------------------------------------------
+    def paintEvent(self, event) -> None:
+        super().paintEvent(event)
+        if self._engines_pending:  # importing torch in a thread before this paint would slow it down (GIL)
+            self._engines_pending = False
+            QTimer.singleShot(0, self.load_engines)
+
     def load_engines(self) -> None:
         self._engines_job = run_in_background(load_engines, on_result=self._on_engines,
                                               on_error=self._on_engines_error)
