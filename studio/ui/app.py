@@ -32,6 +32,7 @@ from .panels.label import LabelPanel
 from .panels.projects import NewProjectDialog, ProjectsPanel, default_projects_dir
 from .panels.run_setup import RunSetupPanel
 from .panels.runs import RunsPanel
+from .panels.walkthrough import WalkthroughPanel
 from .workers import RunQueue, describe_error, load_engines, run_in_background, wait_for_background_jobs
 
 try:
@@ -122,6 +123,7 @@ class MainWindow(QMainWindow):
         self.compare_panel = ComparePanel()
         self.label_panel = LabelPanel()
         self.advisor_panel = AdvisorPanel()
+        self.walkthrough_panel = WalkthroughPanel()
 
         self.docks: dict[str, QDockWidget] = {}
         self._specs: list[PanelSpec] = []
@@ -152,6 +154,7 @@ class MainWindow(QMainWindow):
             PanelSpec("compare", "Compare", self.compare_panel, "centre", "path", "fa6s.table-columns"),
             PanelSpec("label", "Label", self.label_panel, "centre", "path", "fa6s.tags"),
             PanelSpec("advisor", "Stage advisor", self.advisor_panel, "centre", "path", "fa6s.signs-post"),
+            PanelSpec("walkthrough", "Walkthrough", self.walkthrough_panel, "centre", "path", "fa6s.list-ol"),
             PanelSpec("projects", "Project", self.projects_panel, "left", "project", "fa6s.folder"),
             PanelSpec("data", "Data", self.data_panel, "left", "project", "fa6s.database"),
             PanelSpec("run_setup", "Run setup", self.run_setup, "right", "project", "fa6s.sliders"),
