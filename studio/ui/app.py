@@ -144,7 +144,7 @@ class MainWindow(QMainWindow):
         self._restore_window()
         self._update_actions()
         self._update_status()
-        self._engines_pending = load_engines_now  # loaded after the first paint: see paintEvent
+        self._after_first_paint = [self.load_engines] if load_engines_now else []  # see paintEvent
 
     # --- layout: the one place panels are listed ---------------------------------------------
     def panel_specs(self) -> list[PanelSpec]:
@@ -318,9 +318,18 @@ class MainWindow(QMainWindow):
     # --- engines (torch) in the background --------------------------------------------------
     def paintEvent(self, event) -> None:
         super().paintEvent(event)
-        if self._engines_pending:  # importing torch in a thread before this paint would slow it down (GIL)
-            self._engines_pending = False
-            QTimer.singleShot(0, self.load_engines)
+        # Loading engines or a project starts threads that import torch; before this paint they
+        # would hold the GIL the first paint needs.
+        pending, self._after_first_paint = self._after_first_paint, None
+        for action in pending or ():
+            QTimer.singleShot(0, action)
+
+    def after_first_paint(self, action) -> None:
+        """Run `action` once the window has painted (at once if it has)."""
+        if self._after_first_paint is None:
+            QTimer.singleShot(0, action)
+        else:
+            self._after_first_paint.append(action)
 
     def load_engines(self) -> None:
         self._engines_job = run_in_background(load_engines, on_result=self._on_engines,
@@ -693,7 +702,7 @@ def main(project_path: Path | str | None = None, demo: bool = False) -> int:
     window.show()
     target = Path(project_path) if project_path else window.last_project()
     if target is not None:
-        QTimer.singleShot(0, lambda: window.open_project(target))
+        window.after_first_paint(lambda: window.open_project(target))
     code = app.exec()
     wait_for_background_jobs(5000)
     return code
