@@ -183,7 +183,7 @@ def cmd_train(args) -> int:
             for item in args.set:
                 key, _, value = item.partition("=")
                 overrides[key] = parse_value(value)
-            config = runs.make_config(args.method, overrides)
+            config = runs.make_config(args.method, overrides, model_parameters(project.db))
             run_id = runs.create_run(project.db, config, name=args.name)
             method = args.method
         control = runs.RunControl()
@@ -192,6 +192,14 @@ def cmd_train(args) -> int:
         status = runs.execute(project.path, run_id, control, on_metrics=print_record,
                               on_log=lambda message: print(f"[run {run_id}] {message}"))
     return 0 if status in ("completed", "stopped") else 1
+
+
+def model_parameters(db) -> int:
+    """The project's base model size, which picks its defaults (studio/core/defaults.py)."""
+    from studio.core import store
+    from studio.core.models import ModelSource, inspect_model
+
+    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model"))).parameters
 
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",
