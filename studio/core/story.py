@@ -164,6 +164,9 @@ class Story:
             self.say(f"   done before: {done} pairs labelled")
             return
         checkpoint_id = self.advised_checkpoint()
+        if self.advice().checkpoint_id is None:
+            self.say("   the advisor names the base; the walkthrough labels from the last PPO checkpoint "
+                     "instead, so that DPO settles what PPO shaped")
         self.say(f"   two samples per training prompt from {advisor.state_name(self.db, checkpoint_id)}, "
                  "labelled by the reward (in the window you label them yourself)")
         prompts = labelling.prompt_rows(self.db, "train", PAIRS_TO_LABEL - done)
@@ -236,7 +239,7 @@ class Story:
         self.say(f"   advisor: {advice.title}. {advice.explanation}")
 
     def advised_checkpoint(self) -> int:
-        """The checkpoint the advisor names; its latest PPO checkpoint when it names none."""
+        """The checkpoint the advisor names; the latest PPO checkpoint when it names the base."""
         advice = self.advice()
         if advice.checkpoint_id is not None:
             return advice.checkpoint_id
