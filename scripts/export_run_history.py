@@ -2,7 +2,7 @@
 every metric per step, each checkpoint with its eval samples, the base samples, the eval prompts,
 the comparisons and the labels. Nothing is interpreted: the advisor's replay tests read this file.
 
-    .venv/bin/python scripts/export_run_history.py PROJECT_DIR OUT.json
+    .venv/bin/python scripts/export_run_history.py PROJECT_DIR OUT.json [--runs 1 2]
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ def samples(db, checkpoint_id: int | None) -> list[dict]:
             for row in store.samples(db, checkpoint_id)]
 
 
-def history(db) -> dict:
+def history(db, run_ids: list[int] | None = None) -> dict:
     runs = []
     for run in store.list_runs(db):
+        if run_ids is not None and run["id"] not in run_ids:
+            continue
         metrics = store.run_metrics(db, run["id"])
         runs.append({
             **{key: run[key] for key in ("id", "name", "method", "status", "parent_checkpoint_id", "config")},
@@ -49,9 +51,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("project", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--runs", type=int, nargs="+", help="only these run ids (default: all)")
     args = parser.parse_args()
     with store.Project.open(args.project, read_only=True) as project:
-        data = history(project.db)
+        data = history(project.db, args.runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial")  # a stopped export leaves no half file
     partial.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
