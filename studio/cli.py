@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="create the demo project (model + bundled data)")
     demo.add_argument("dir", type=Path, nargs="?")
+    demo.add_argument("--story", action="store_true",
+                      help="then walk through the whole workflow on it: sample the base, PPO, advisor, label "
+                           "10 pairs (by the reward), DPO from the advised checkpoint, compare; Ctrl-C stops, "
+                           "the same command continues")
 
     data = commands.add_parser("import", help="import prompts or preference pairs (JSONL, JSON, CSV, Parquet)")
     data.add_argument("dir", type=Path)
@@ -142,7 +146,31 @@ def cmd_init(args) -> int:
 def cmd_demo(args) -> int:
     from studio.core.demo import DEFAULT_DEMO_PROJECT, ensure_demo_project
 
-    print(ensure_demo_project(args.dir or DEFAULT_DEMO_PROJECT))
+    path = ensure_demo_project(args.dir or DEFAULT_DEMO_PROJECT)
+    print(path)
+    return run_story(path) if args.story else 0
+
+
+def run_story(path: Path) -> int:
+    from studio.core import runs, story
+
+    control = runs.RunControl()
+
+    def on_interrupt(*_):
+        print("\nstopping at the next step boundary (Ctrl-C again to stop at once)...", flush=True)
+        control.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    walkthrough = story.Story(path, say=lambda line: print(line, flush=True), control=control,
+                              on_metrics=print_record)
+    try:
+        times = walkthrough.run()
+    except (story.Stopped, KeyboardInterrupt):
+        print(f"\nStopped; everything finished so far is kept. Run `studio demo {path} --story` again to continue.")
+        return 130
+    print("\nWall time per stage: " + ", ".join(f"{key} {story.format_seconds(seconds)}"
+                                              for key, seconds in times.items()))
     return 0
 
 
@@ -208,7 +236,7 @@ def cmd_train(args) -> int:
                 overrides[key] = parse_value(value)
             if args.report_to is not None:
                 overrides["report_to"] = trackers.parse_report_to(args.report_to)
-            config = runs.make_config(args.method, overrides)
+            config = runs.make_config(args.method, overrides, model_parameters(project.db))
             run_id = runs.create_run(project.db, config, name=args.name)
             method = args.method
         control = runs.RunControl()
@@ -217,6 +245,14 @@ def cmd_train(args) -> int:
         status = runs.execute(project.path, run_id, control, on_metrics=print_record,
                               on_log=lambda message: print(f"[run {run_id}] {message}"))
     return 0 if status in ("completed", "stopped") else 1
+
+
+def model_parameters(db) -> int:
+    """The project's base model size, which picks its defaults (studio/core/defaults.py)."""
+    from studio.core import store
+    from studio.core.models import ModelSource, inspect_model
+
+    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model"))).parameters
 
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",

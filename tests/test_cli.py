@@ -67,3 +67,18 @@ def test_export_labels_writes_trl_jsonl(project_dir, tmp_path):
     assert row["chosen"] == [{"role": "assistant", "content": "B"}]
     assert row["rejected"] == [{"role": "assistant", "content": "A"}]
     assert row["annotator"] == "me"
+
+
+def test_train_starts_from_the_defaults_for_the_models_size(project_dir, tmp_path, monkeypatch):
+    from studio.core import defaults, store
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Say hi.", "chosen": " Hi.", "rejected": " No."}] * 2)
+    assert main(["import", str(project_dir), str(pairs)]) == 0
+    # The tiny model counts as "medium" once the small class ends below its size.
+    monkeypatch.setattr(defaults, "SIZE_CLASSES", (("small", 10), ("medium", 4_000_000_000), ("large", float("inf"))))
+    assert main(["train", str(project_dir), "--method", "dpo", "--set", "max_steps=1", "--set", "batch_size=2",
+                 "--set", "eval_max_new_tokens=2"]) == 0
+    with store.Project.open(project_dir, read_only=True) as project:
+        (run,) = store.list_runs(project.db)
+    assert run["config"]["learning_rate"] == defaults.DEFAULTS["dpo"]["medium"]["learning_rate"]
+    assert run["config"]["batch_size"] == 2

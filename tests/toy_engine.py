@@ -17,6 +17,7 @@ class Config(TrainConfig):
     learning_rate: float = 1e-2
     fail_at_step: int | None = None  # raise RuntimeError(failure) instead of taking this step
     failure: str = "simulated failure"
+    rewards: list[float] | None = None  # reported as each step's reward (objective/scores), cycling
 
 
 def validate(config, db):
@@ -46,6 +47,8 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad()
         self.extra += 1
+        if self.config.rewards:
+            return {"loss": loss.item(), "objective/scores": self.config.rewards[step % len(self.config.rewards)]}
         return {"loss": loss.item()}
 
     def extra_state(self):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import distributed, store
+from . import defaults, distributed, store
 from .generation import is_conversational
 from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
@@ -89,7 +89,7 @@ def pair_losses(config: "Config", chosen_logratios: torch.Tensor, rejected_logra
 @dataclass
 class Config(TrainConfig):
     method: str = "dpo"
-    learning_rate: float = 5e-5  # LoRA adapters want ~10-50x TRL's full-fine-tune default (1e-6)
+    learning_rate: float = defaults.small("dpo", "learning_rate")  # LoRA wants ~10-50x TRL's full-fine-tune 1e-6
     beta: float = 0.1  # strength of the pull towards the reference: higher stays closer to it
     loss_type: str = "sigmoid"  # "sigmoid" (DPO), "ipo", "robust" (noisy labels), "hinge" (SLiC)
     label_smoothing: float = 0.0  # "robust" only: assumed probability that a label is flipped, [0, 0.5)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import distributed, rewards, store
+from . import defaults, distributed, rewards, store
 from .generation import encode_prompt, left_pad, sample, stop_token_ids
 from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
@@ -162,6 +162,7 @@ def response_lengths(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.T
 @dataclass
 class Config(TrainConfig):
     method: str = "ppo"
+    learning_rate: float = defaults.small("ppo", "learning_rate")  # measured on the demo: docs/defaults.md
     prompts_per_step: int = 8  # rollouts per step: one sampled response per prompt
     max_new_tokens: int = 48  # longest response; a response is cut there if it has not stopped
     temperature: float = 0.7  # sampling temperature; log-probs use the same temperature (as TRL)
@@ -173,7 +174,7 @@ class Config(TrainConfig):
     vf_coef: float = 0.1  # weight of the value loss next to the policy loss (both train the shared adapter)
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda: lower trades variance for bias
-    kl_coef: float = 0.05  # per-token penalty for drifting from the reference (starting value if adaptive)
+    kl_coef: float = defaults.small("ppo", "kl_coef")  # per-token penalty for drifting from the reference (starting value if adaptive)
     kl_estimator: str = "k1"  # "k1" (log-ratio) or "k3" (never negative, lower variance)
     adaptive_kl: bool = False  # move kl_coef to keep the KL near target_kl (Ziegler et al.)
     target_kl: float = 6.0  # adaptive only: KL per response (nats, summed over tokens) to aim for

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import distributed, store, trackers
+from . import defaults, distributed, store, trackers
 from .errors import StudioError
 from .generation import Decoding, generate
 from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
@@ -50,6 +50,9 @@ from .run_log import append_run_log
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo", "grpo": "studio.core.grpo",
                   "rloo": "studio.core.rloo"}
+# A step's raw reward, for the run's no-progress check: PPO's before normalisation, else its scores,
+# else GRPO/RLOO's `reward`.
+REWARD_METRICS = ("objective/raw_reward", "objective/scores", "reward")
 
 
 class ConfigError(StudioError):
@@ -136,12 +139,15 @@ def engine_module(method: str):
     return importlib.import_module(ENGINE_MODULES[method])
 
 
-def make_config(method: str, overrides: dict | None = None) -> TrainConfig:
-    """The engine's default config with `overrides` applied (unknown keys are an error)."""
+def make_config(method: str, overrides: dict | None = None, parameters: int | None = None) -> TrainConfig:
+    """The engine's default config, with the defaults for a model of `parameters` parameters
+    (defaults.py; None: the Config's own, measured on the small demo model), then `overrides`
+    applied (unknown keys are an error; every value is checked by settings.check_settings)."""
     from .settings import check_settings
 
     module = engine_module(method)
-    values = {**module.Config().to_json(), **(overrides or {}), "method": method}
+    values = {**module.Config().to_json(), **defaults.defaults_for(method, parameters), **(overrides or {}),
+              "method": method}
     check_settings(method, values)
     return module.Config.from_json(values)
 
@@ -653,6 +659,7 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
             distributed.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
             log(f"Checkpoint saved at step {step}")
 
+        rewards: list[float] = []  # this session's step rewards, for the no-progress check
         while step < config.max_steps:
             if control.paused:
                 sink.flush()
@@ -673,6 +680,13 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 checkpoint()
                 last_saved = step
+            reward = next((record[name] for name in REWARD_METRICS if name in record), None)
+            if reward is not None:
+                rewards.append(reward)
+                if step % config.checkpoint_every == 0:
+                    progress = defaults.no_progress(rewards, config.method.upper())
+                    if not progress.moving:
+                        log(progress.message)
         sink.flush()
         if step != last_saved:
             checkpoint()

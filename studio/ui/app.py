@@ -33,6 +33,7 @@ from .panels.projects import NewProjectDialog, ProjectsPanel, default_projects_d
 from .panels.run_setup import RunSetupPanel
 from .panels.runs import RunsPanel
 from .pages import PageScroll
+from .panels.walkthrough import WalkthroughPanel
 from .scale_out import ScaleOutActions, cuda_device_count
 from .wheel import WheelGuard
 from .workers import RunQueue, describe_error, load_engines, run_in_background, wait_for_background_jobs
@@ -128,6 +129,7 @@ class MainWindow(QMainWindow):
         self.compare_panel = ComparePanel()
         self.label_panel = LabelPanel()
         self.advisor_panel = AdvisorPanel()
+        self.walkthrough_panel = WalkthroughPanel()
 
         self.docks: dict[str, QDockWidget] = {}
         self._specs: list[PanelSpec] = []
@@ -148,8 +150,7 @@ class MainWindow(QMainWindow):
         self._restore_window()
         self._update_actions()
         self._update_status()
-        if load_engines_now:
-            QTimer.singleShot(0, self.load_engines)
+        self._after_first_paint = [self.load_engines] if load_engines_now else []  # see paintEvent
 
     # --- layout: the one place panels are listed ---------------------------------------------
     def panel_specs(self) -> list[PanelSpec]:
@@ -159,6 +160,7 @@ class MainWindow(QMainWindow):
             PanelSpec("compare", "Compare", self.compare_panel, "centre", "path", "fa6s.table-columns"),
             PanelSpec("label", "Label", self.label_panel, "centre", "path", "fa6s.tags"),
             PanelSpec("advisor", "Stage advisor", self.advisor_panel, "centre", "path", "fa6s.signs-post"),
+            PanelSpec("walkthrough", "Walkthrough", self.walkthrough_panel, "centre", "path", "fa6s.list-ol"),
             PanelSpec("projects", "Project", self.projects_panel, "left", "project", "fa6s.folder"),
             PanelSpec("data", "Data", self.data_panel, "left", "project", "fa6s.database"),
             PanelSpec("run_setup", "Run setup", self.run_setup, "right", "project", "fa6s.sliders"),
@@ -339,6 +341,21 @@ class MainWindow(QMainWindow):
         self.advisor_panel.trial_created.connect(self._on_trial_created)
 
     # --- engines (torch) in the background --------------------------------------------------
+    def paintEvent(self, event) -> None:
+        super().paintEvent(event)
+        # Loading engines or a project starts threads that import torch; before this paint they
+        # would hold the GIL the first paint needs.
+        pending, self._after_first_paint = self._after_first_paint, None
+        for action in pending or ():
+            QTimer.singleShot(0, action)
+
+    def after_first_paint(self, action) -> None:
+        """Run `action` once the window has painted (at once if it has)."""
+        if self._after_first_paint is None:
+            QTimer.singleShot(0, action)
+        else:
+            self._after_first_paint.append(action)
+
     def load_engines(self) -> None:
         self._engines_job = run_in_background(load_engines, on_result=self._on_engines,
                                               on_error=self._on_engines_error)
@@ -764,7 +781,7 @@ def main(project_path: Path | str | None = None, demo: bool = False) -> int:
     window.show()
     target = Path(project_path) if project_path else window.last_project()
     if target is not None:
-        QTimer.singleShot(0, lambda: window.open_project(target))
+        window.after_first_paint(lambda: window.open_project(target))
     code = app.exec()
     wait_for_background_jobs(5000)
     return code
