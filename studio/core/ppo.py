@@ -338,13 +338,14 @@ class Engine:
                        torch.cat([prompt_mask, response_mask.long()], dim=1), prompt_ids.shape[1],
                        lengths, finished, texts)
 
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(scores used for training, each reward source's raw scores)."""
+    def score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(scores used for training, the raw weighted total before normalisation and penalties,
+        each reward source's raw scores)."""
         total, breakdown = self.reward_function(rollout.prompts, rollout.texts)
         scores = self.normalizer(total).to(self.device)
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~rollout.finished).float()
-        return scores, breakdown
+        return scores, total, breakdown
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -421,7 +422,7 @@ class Engine:
         prompts = [self.prompts_by_id[self.prompt_ids[i]] for i in indices]
         rollout = self.generate(prompts)
         generated = time.perf_counter()
-        scores, breakdown = self.score(rollout)
+        scores, raw_rewards, breakdown = self.score(rollout)
         ref_logprobs = self.reference_logprobs(rollout)
         scored = time.perf_counter()
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -431,6 +432,8 @@ class Engine:
         tokens = int(rollout.attention_mask.sum())
         return {
             **statistics,
+            # What the advisor judges: objective/scores is after normalisation, clipping and penalties.
+            "objective/raw_reward": raw_rewards.mean().item(),
             **{f"reward/{name}": values.mean().item() for name, values in breakdown.items()},
             "response_length_mean": rollout.lengths.float().mean().item(),
             "stop_token_rate": rollout.finished.float().mean().item(),

@@ -38,6 +38,7 @@ from .generation import Decoding, generate
 from .models import ModelSource, add_lora, load_model, pick_device
 
 ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo"}
+SHAPING_METHODS = ("ppo", "grpo", "rloo")  # reward-driven: they sample their start state at step 0
 
 
 class ConfigError(StudioError):
@@ -327,6 +328,10 @@ def execute(project_path: Path | str, run_id: int, control: RunControl | None = 
         step = resume_from_last_checkpoint(db, run_id, engine)
         if step:
             log(f"Resumed from the checkpoint at step {step}")
+        elif config.method in SHAPING_METHODS and not store.checkpoints(db, run_id):
+            # The start state's eval outputs: the reference every side effect is measured against.
+            save_checkpoint(db, run_id, run_dir, 0, engine, tokenizer, device, config)
+            log("Start state sampled (checkpoint at step 0)")
         last_saved = step
         while step < config.max_steps:
             if control.paused:
