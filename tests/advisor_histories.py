@@ -1,0 +1,36 @@
+"""Synthetic run histories for the advisor's tests: metric curves plus eval outputs per checkpoint."""
+
+from studio.core.advisor import CheckpointEvidence, RunEvidence
+
+PROMPTS = range(1, 25)
+TOKENS = 40.0  # mean response length in tokens at every step
+
+
+def varied_text(prompt: int, version, length: int = 12) -> str:
+    """A text unique to (prompt, version), with no repeated n-grams."""
+    return " ".join(f"w{prompt}v{version}i{i}" for i in range(length))
+
+
+def make_run(reward, kl=lambda s: 0.1 * s, steps=60, every=5, outputs=None, wins=None, entropy=None,
+             start=None, noise=None, sources=None, available=lambda i: True) -> RunEvidence:
+    """A RunEvidence: metric curves reward(step), kl(step) (per response, nats), entropy(step) (per
+    response), `noise(step)` added to the reward; a checkpoint every `every` steps.
+
+    outputs(prompt, checkpoint index) -> text; wins(checkpoint index) -> (wins, labels).
+    """
+    outputs = outputs or (lambda p, i: varied_text(p, i))
+    wins = wins or (lambda i: (0.0, 0))
+    entropy = entropy or (lambda s: 0.8 * TOKENS)
+    noise = noise or (lambda s: 0.0)
+    all_steps = list(range(1, steps + 1))
+    checkpoints = []
+    for index, step in enumerate(range(every, steps + 1, every)):
+        won, labels = wins(index)
+        checkpoints.append(CheckpointEvidence(100 + index, step, {p: outputs(p, index) for p in PROMPTS},
+                                              won, labels, available=available(index)))
+    return RunEvidence(
+        run_id=7, name="PPO #7", reward_metric="objective/raw_reward",
+        reward=(all_steps, [reward(s) + noise(s) for s in all_steps]), kl=(all_steps, [kl(s) for s in all_steps]),
+        start_outputs=start or {p: varied_text(p, "start") for p in PROMPTS}, start_label="the start (step 0)",
+        checkpoints=checkpoints, entropy=(all_steps, [entropy(s) for s in all_steps]),
+        length=(all_steps, [TOKENS] * steps), sources=sources or [])
