@@ -1,6 +1,9 @@
 """Synthetic run histories for the advisor's tests: metric curves plus eval outputs per checkpoint."""
 
-from studio.core.advisor import CheckpointEvidence, RunEvidence
+import math
+from dataclasses import replace
+
+from studio.core.advisor import CheckpointEvidence, Evidence, RunEvidence, advise
 
 PROMPTS = range(1, 25)
 TOKENS = 40.0  # mean response length in tokens at every step
@@ -34,3 +37,27 @@ def make_run(reward, kl=lambda s: 0.1 * s, steps=60, every=5, outputs=None, wins
         start_outputs=start or {p: varied_text(p, "start") for p in PROMPTS}, start_label="the start (step 0)",
         checkpoints=checkpoints, entropy=(all_steps, [entropy(s) for s in all_steps]),
         length=(all_steps, [TOKENS] * steps), sources=sources or [])
+
+
+def at_checkpoint(run: RunEvidence, count: int) -> RunEvidence:
+    """The run as the advisor saw it when its `count`-th checkpoint was written: later metrics and
+    checkpoints left out."""
+    last = run.checkpoints[count - 1].step
+
+    def cut(series):
+        return tuple(list(part) for part in zip(*[(s, v) for s, v in zip(*series) if s <= last])) or ([], [])
+
+    return replace(run, checkpoints=run.checkpoints[:count], reward=cut(run.reward), kl=cut(run.kl),
+                   entropy=cut(run.entropy), length=cut(run.length))
+
+
+def verdicts_over_time(run: RunEvidence, **evidence) -> list[str]:
+    """The verdict at each checkpoint of the run, in order."""
+    return [advise(Evidence(run=at_checkpoint(run, k), **evidence)).verdict
+            for k in range(1, len(run.checkpoints) + 1)]
+
+
+def heavy_tailed(rng, scale: float, dof: int) -> float:
+    """Student's t noise with `dof` degrees of freedom (2: infinite variance), times `scale`."""
+    chi2 = sum(rng.gauss(0, 1) ** 2 for _ in range(dof))
+    return scale * rng.gauss(0, 1) / math.sqrt(chi2 / dof)

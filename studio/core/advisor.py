@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import labelling, store
 from .advisor_stats import (Z, Estimate, difference, extra_trials_needed, finite, gao_fit, gao_peak_kl,
-                            jackknife, mean_estimate, proportion, ratio, robust_slope)
+                            jackknife, mean_estimate, proportion, ratio, robust_slope, trimmed_mean)
 
 TOLERANCES = ("low", "medium", "high")
 SHAPING_METHODS = ("ppo", "grpo", "rloo")  # reward-driven runs the advisor judges (runs.SHAPING_METHODS)
@@ -95,7 +95,7 @@ DAMAGE_SIGNALS = ("kl_per_token", "kl_acceleration", "entropy_ratio") + SIDE_EFF
 PLATEAU_VOTES = {"low": 1, "medium": 2, "high": 2}
 MIN_WINDOW = 10  # metric steps in a slope window, at least
 MIN_LABELS = 4  # labelled comparisons before a checkpoint's win rate is shown
-NO_PROGRESS_STEPS = 10  # steps before "reward flat since step 1" can be said
+NO_PROGRESS_STEPS = 20  # steps before "reward flat since step 1" can be said: fewer are too noisy
 DAMAGED_SHARE = 0.5  # a checkpoint with damage on more outputs than this is never a switch target
 REFUSAL_PHRASES = (
     "i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry",
@@ -270,6 +270,7 @@ class RunEvidence:
     length: Series = ((), ())  # mean response tokens per step (turns per-response KL into per token)
     sources: list[dict] = field(default_factory=list)  # the reward sources the run optimises
     status: str = "completed"
+    per_token_metrics: bool = False  # KL and entropy are per token (TRL GRPO's "kl"), not per response
 
 
 @dataclass
@@ -443,16 +444,17 @@ def window_length(run: RunEvidence) -> int:
 
 
 def level_at(series: Series, step: int, half: int) -> Estimate | None:
-    """The metric's mean around a checkpoint: the steps it trained just before and after."""
+    """The metric's (trimmed) mean around a checkpoint: the steps it trained just before and after."""
     _, values = window(series, step - half + 1, step + half)
-    return mean_estimate(values)
+    return trimmed_mean(values)
 
 
-def per_token(series: Series, length: Series) -> Series:
-    """A per-response metric divided by the step's mean response length, where both exist."""
-    lengths = dict(zip(*length))
-    if not lengths:
+def per_token(run: RunEvidence, series: Series) -> Series:
+    """A per-response metric (PPO's KL and entropy are sums over the response) divided by the step's
+    mean response length; GRPO/RLOO's are per token already. Empty without lengths to divide by."""
+    if run.per_token_metrics:
         return series
+    lengths = dict(zip(*run.length))
     steps = [s for s in series[0] if lengths.get(s)]
     values = dict(zip(*series))
     return steps, [values[s] / lengths[s] for s in steps]
@@ -467,7 +469,7 @@ def no_progress(steps: list[int], rewards: list[float | None]) -> str | None:
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     trend = robust_slope(xs, ys)
     third = max(2, len(ys) // 3)
-    change = difference(mean_estimate(ys[-third:]), mean_estimate(ys[:third]))
+    change = difference(trimmed_mean(ys[-third:]), trimmed_mean(ys[:third]))
     if trend is None or trend.low > 0 or trend.high < 0 or change.low > 0 or change.high < 0:
         return None
     return (f"PPO is not shaping anything yet: reward flat since step {xs[0]} "
@@ -534,7 +536,7 @@ def reward_gain_signals(run: RunEvidence, step: int, length: int, tolerance: str
 
 
 def kl_signals(run: RunEvidence, step: int, length: int, tolerance: str) -> tuple[dict, dict]:
-    kl_tokens = per_token(run.kl, run.length)
+    kl_tokens = per_token(run, run.kl)
     level = level_at(kl_tokens, step, max(2, length // 2))
     estimates = {"kl_per_token": level, "kl_acceleration": None}
     notes = {"kl_per_token": (f"KL is {fmt(level.value, 3)} nats per token around step {step}"
@@ -556,7 +558,7 @@ def kl_signals(run: RunEvidence, step: int, length: int, tolerance: str) -> tupl
 
 
 def entropy_signal(run: RunEvidence, step: int, length: int) -> tuple[Estimate | None, str]:
-    entropy = per_token(run.entropy, run.length)
+    entropy = per_token(run, run.entropy)
     start, now = level_at(entropy, 0, length), level_at(entropy, step, max(2, length // 2))
     if start is None or now is None or step <= length:
         return None, "no entropy metric, or too few steps"
@@ -869,9 +871,9 @@ def advise_from_run(evidence: Evidence, base: list[Signal], signals: list[Signal
                 f"checkpoint by raw reward within noise (the earliest on a tie: less KL spent). " + pairs_note(evidence))
         return advice("switch_now", text, target)
 
-    # 3. Nothing happening at all.
+    # 3. Nothing happening at all, at this checkpoint and the one before.
     flat = no_progress(*run.reward)
-    if flat:
+    if flat and len(measured) >= 2 and no_progress(*window(run.reward, 0, measured[-2].checkpoint.step)):
         state = base_is(base)
         if state == "clean":
             text = (f"{flat}. The base is already on track ({quote([s for s in base if s.value is not None])}): "
@@ -1132,6 +1134,7 @@ def gather_run(db, run_id: int, sources: list[dict] | None = None) -> RunEvidenc
     run = store.get_run(db, run_id)
     metrics = store.run_metrics(db, run_id)
     reward_metric, reward = clean_series(metrics, RAW_REWARD_METRICS)
+    kl_metric, kl = clean_series(metrics, KL_METRICS)
     parent = run["parent_checkpoint_id"]
     stored = store.checkpoints(db, run_id)
     zero = next((c for c in stored if c["step"] == 0), None)
@@ -1156,10 +1159,11 @@ def gather_run(db, run_id: int, sources: list[dict] | None = None) -> RunEvidenc
             available=Path(checkpoint["path"]).is_dir(), quality=quality.get(checkpoint["id"])))
         earlier.add(checkpoint["id"])
     return RunEvidence(
-        run_id, run["name"] or f"run #{run_id}", reward_metric, reward, clean_series(metrics, KL_METRICS)[1],
+        run_id, run["name"] or f"run #{run_id}", reward_metric, reward, kl,
         start_outputs, start_label, checkpoints, parent, settling_run(db, [c["id"] for c in stored]),
         entropy=clean_series(metrics, ENTROPY_METRICS)[1], length=clean_series(metrics, LENGTH_METRICS)[1],
-        sources=sources if sources is not None else judged_sources(db, run_id), status=run["status"])
+        sources=sources if sources is not None else judged_sources(db, run_id), status=run["status"],
+        per_token_metrics=kl_metric == "kl")
 
 
 SETTLING_STATUSES = ("running", "paused", "completed", "stopped")  # queued or failed: the switch is not made
