@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from studio.core.advisor import CheckpointEvidence, Evidence, RunEvidence, advise
 
-PROMPTS = range(1, 25)
+PROMPTS = range(1, 13)
 TOKENS = 40.0  # mean response length in tokens at every step
 
 

@@ -113,7 +113,7 @@ def test_a_base_breaking_rules_in_half_its_samples_is_messy():
 
 
 def test_two_slips_in_forty_samples_is_a_clean_base():
-    samples = base_samples(0.0, k=2)[:40]
+    samples = base_samples(0.0, k=4)[:40]
     samples[0].broken_rules = samples[7].broken_rules = ["concise"]
     advice = advisor.advise(Evidence(base_samples=samples, rules_checked=["concise"], reward_scale=3))
     violations = advice.base_signals[0]

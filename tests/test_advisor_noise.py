@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from advisor_histories import heavy_tailed, make_run, varied_text, verdicts_over_time
 
-SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def steady_run(seed: int):
