@@ -90,7 +90,7 @@ def test_panel_shows_the_verdict_and_every_signal_of_a_synthetic_history(qtbot, 
     assert "medium" in panel.tolerance.text()
     assert panel.cards["length_drift"].value.text() == "+133%"  # 28 words vs 12
     assert panel.cards["reward_hacking"].value.text() == "8%"  # 1 win in 12 labels
-    assert panel.cards["reward_hacking"].interval.text().startswith("95%: 2% to ")
+    assert panel.cards["reward_hacking"].interval.text().startswith("· 95%: 2% to ")
     assert panel.dpo_button.text() == f"Start DPO from checkpoint #{checkpoint_ids[2]}"
     assert all(not card.isHidden() for card in panel.cards.values())
 
@@ -105,7 +105,7 @@ def test_risk_tolerance_and_the_base_only_view(qtbot, panel, project):
     assert advice.run_id is None and advice.verdict == "ppo_first"  # half the samples break a rule
     assert "8 of 16 base samples (50%" in panel.explanation.text()
     # Wilson at z = 1.645: centre 0.5, half-width 1.645 * sqrt(1/64 + 1.645^2 / 1024) / 1.169 = 0.19
-    assert panel.cards["rule_violations"].interval.text() == "95%: 31% to 69%"
+    assert panel.cards["rule_violations"].interval.text() == "· 95%: 31% to 69%"
     assert "high" in panel.tolerance.text()
     assert panel.cards["length_drift"].isHidden() and not panel.cards["reward_spread"].isHidden()
     assert panel.label_button.text() == "Label pairs from the base"

@@ -224,7 +224,7 @@ class SignalCard(QFrame):
         self.value.setStyleSheet(f"color: {FIRING if signal.fires else CALM};")
         self.trend.setText(TRENDS[signal.trend])
         if signal.low is not None:
-            self.interval.setText(f"95%: {advisor.format_number(signal.key, signal.low)} to "
+            self.interval.setText(f"· 95%: {advisor.format_number(signal.key, signal.low)} to "
                                   f"{advisor.format_number(signal.key, signal.high)}")
         else:
             self.interval.setText("no interval yet" if signal.value is not None else "")
