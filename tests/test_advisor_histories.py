@@ -16,7 +16,15 @@ from studio.core.advisor_history import FORMAT, evidence_from_history, export_hi
 HISTORIES = Path(__file__).parent / "data" / "advisor"
 
 # Per history: the verdict a person would give at each checkpoint after step 0 (docs/advisor.md).
-EXPECTED = {}
+EXPECTED = {
+    # +0.25 per "the": the reward stays near 0.3 (about one "the" per answer) for 28 steps; answers are
+    # reworded, a little shorter, not hacked. Too early to judge, then "nothing is being shaped".
+    "loves_the.json": ["keep_ppo"] * 4 + ["need_evidence"],
+    # Rules the base already meets (no lists, at most 6 lines, no insults): reward at its maximum 2.0
+    # from step 1; answers barely change. After 20 flat steps: nothing to shape, and the base's 5 list
+    # answers in 36 samples (14%, [7%, 26%]) straddle the 20% bar, so it asks for more base samples.
+    "clean_start.json": ["keep_ppo"] * 4 + ["need_evidence"] * 2,
+}
 
 
 def verdicts(evidence):

@@ -811,14 +811,21 @@ def advise_from_base(evidence: Evidence, base: list[Signal], tolerance: str) -> 
         text = (f"The base model is on track: {quote(measured)}. Only details are off, so DPO is enough. "
                 + pairs_note(evidence))
         return Advice("settle_dpo", text, tolerance, None, "the base", base, [])
+    missing = base_missing(base)
     if not measured:
-        missing = ["sample the base (its answers at the PPO temperature, scored by the reward sources)"]
         text = "No evidence yet: " + missing[0] + ", to see whether it is messy (PPO first) or only off in details (DPO)."
     else:
-        missing = [f"more base samples: {s.label.lower()} is {s.detail}, and its interval straddles the "
-                   f"threshold {threshold_text(s)}" for s in measured]
         text = "The base is borderline: " + "; ".join(missing) + "."
     return Advice("need_evidence", text, tolerance, None, "the base", base, [], missing=missing)
+
+
+def base_missing(base: list[Signal]) -> list[str]:
+    """What would tell whether the base is messy: samples at all, or more of them."""
+    measured = [s for s in base if s.value is not None]
+    if not measured:
+        return ["sample the base (its answers at the PPO temperature, scored by the reward sources)"]
+    return [f"more base samples: {s.label.lower()}: {s.detail}, {value_text(s)}, straddles the threshold "
+            f"{threshold_text(s)}" for s in measured if s.high is None or s.high >= s.threshold]
 
 
 def advise_settling(evidence: Evidence, base: list[Signal], signals: list[Signal], tolerance: str) -> Advice:
@@ -881,9 +888,10 @@ def advise_from_run(evidence: Evidence, base: list[Signal], signals: list[Signal
             return advice("settle_dpo", text, None)
         if state == "messy":
             return advice("keep_ppo", f"{flat}. The base is messy, so PPO is still the right stage.", latest)
-        missing = ["sample the base: a flat reward means either nothing to shape (DPO) or a PPO setup that "
-                   "does not work (fix it)"]
-        return advice("need_evidence", f"{flat}. To know which: {missing[0]}.", latest, missing)
+        missing = base_missing(base)
+        text = (f"{flat}. A flat reward means either nothing to shape (DPO) or a PPO setup that does not work "
+                f"(fix it); to know which: {'; '.join(missing)}.")
+        return advice("need_evidence", text, latest, missing)
 
     # 4. A plateau: the raw reward's gain has fallen clearly at two checkpoints in a row, with the
     # votes the tolerance asks (never fewer because fewer signals are measurable).
