@@ -215,7 +215,11 @@ def test_stop_and_resume_give_the_same_run_as_no_interruption(project):
     assert comparable(interrupted) == comparable(straight)
     kl_coef = comparable(straight)["kl_coef"][1]
     assert len(set(kl_coef)) > 1  # the adaptive controller moved, and its state survived the resume
-    assert [c["step"] for c in store.checkpoints(project.db, interrupted)] == [2, 3, 4]
+    assert [c["step"] for c in store.checkpoints(project.db, interrupted)] == [0, 2, 3, 4]  # 0: the start state
+    # The raw reward is the sources' total (minus the letter count's weight -1) before normalisation.
+    metrics = comparable(straight)
+    assert metrics["objective/raw_reward"][1] == [-v for v in metrics["reward/letters"][1]]
+    assert metrics["objective/raw_reward"][1] != metrics["objective/scores"][1]
     for checkpoint in store.checkpoints(project.db, interrupted):  # eval samples at every checkpoint
         assert len(store.samples(project.db, checkpoint["id"])) == 4
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from studio.core import advisor, store
+from studio.core import advisor, rewards, store
 from studio.ui.panels.advisor import AdvisorPanel
 from studio.ui.workers import wait_for_background_jobs
 
@@ -20,11 +20,13 @@ def write_history(db, steps=100, every=20, long_from=3):
     """A PPO run whose reward keeps rising while answers grow long and labels stop preferring them.
 
     Returns (run id, checkpoint ids). Base samples: greedy plus 4 samples per eval prompt, half of
-    which break the "concise" rule.
+    which break the project's "no_filler" rule.
     """
+    store.set_setting(db, "reward_sources", [{"type": "forbidden_words", "name": "no_filler", "words": ["filler"]}])
     prompts = [p["id"] for p in store.eval_prompts(db)]
     base = [{"checkpoint_id": None, "prompt_id": p, "sample_index": i, "seed": i,
-             "decoding": {"temperature": 1.0, "seed": i}, "text": words(p, f"b{i % 2}"),
+             "decoding": {"temperature": 0.7, "seed": i},
+             "text": words(p, f"b{i % 2}") + ("" if i % 2 else " filler"),
              "scores": {"reward": float(i % 2), "rule_scores": {"concise": float(i % 2)},
                         "broken_rules": [] if i % 2 else ["concise"]}}
             for p in prompts for i in range(4)]
@@ -37,13 +39,15 @@ def write_history(db, steps=100, every=20, long_from=3):
          "objective/kl": 0.01 * s * (1 + s / 200)} for s in range(1, steps + 1)])
     checkpoint_ids = []
     for index, step in enumerate(range(every, steps + 1, every)):
-        checkpoint_id = store.add_checkpoint(db, run_id, step, f"/nowhere/checkpoint-{step}")
+        folder = rewards.project_folder(db) / "runs" / str(run_id) / f"checkpoint-{step}"
+        folder.mkdir(parents=True)  # a checkpoint whose folder is gone is never advised
+        checkpoint_id = store.add_checkpoint(db, run_id, step, str(folder))
         length = 12 if index < long_from else 12 + 8 * (index - long_from + 1)
         store.add_samples(db, [{"checkpoint_id": checkpoint_id, "prompt_id": p, "sample_index": 0, "seed": 0,
                                 "decoding": {"temperature": 0.0}, "text": words(p, index, length)}
                                for p in prompts])
         later = index >= long_from
-        label_comparisons(db, checkpoint_id, wins=1 if later else 3, games=5)
+        label_comparisons(db, checkpoint_id, wins=1 if later else 3, games=12 if later else 5)
         checkpoint_ids.append(checkpoint_id)
     return run_id, checkpoint_ids
 
@@ -85,7 +89,8 @@ def test_panel_shows_the_verdict_and_every_signal_of_a_synthetic_history(qtbot, 
     assert f"checkpoint #{checkpoint_ids[2]}" in panel.refers_to.text()
     assert "medium" in panel.tolerance.text()
     assert panel.cards["length_drift"].value.text() == "+133%"  # 28 words vs 12
-    assert panel.cards["reward_hacking"].value.text() == "20%"
+    assert panel.cards["reward_hacking"].value.text() == "8%"  # 1 win in 12 labels
+    assert panel.cards["reward_hacking"].interval.text().startswith("· 95%: 2% to ")
     assert panel.dpo_button.text() == f"Start DPO from checkpoint #{checkpoint_ids[2]}"
     assert all(not card.isHidden() for card in panel.cards.values())
 
@@ -98,9 +103,11 @@ def test_risk_tolerance_and_the_base_only_view(qtbot, panel, project):
         panel.run_selector.setCurrentIndex(panel.run_selector.findData(-1))
     advice = blocker.args[0]
     assert advice.run_id is None and advice.verdict == "ppo_first"  # half the samples break a rule
-    assert "8 of 16 base samples (50%) break a rule" in panel.explanation.text()
+    assert "8 of 16 base samples (50%" in panel.explanation.text()
+    # Wilson at z = 1.645: centre 0.5, half-width 1.645 * sqrt(1/64 + 1.645^2 / 1024) / 1.169 = 0.19
+    assert panel.cards["rule_violations"].interval.text() == "· 95%: 31% to 69%"
     assert "high" in panel.tolerance.text()
-    assert panel.cards["length_drift"].isHidden() and not panel.cards["disagreement"].isHidden()
+    assert panel.cards["length_drift"].isHidden() and not panel.cards["reward_spread"].isHidden()
     assert panel.label_button.text() == "Label pairs from the base"
 
 

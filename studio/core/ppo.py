@@ -390,13 +390,14 @@ class Engine:
         return sample_rollout(self.model, self.tokenizer, prompts, config.max_new_tokens, config.temperature,
                               config.top_p, self.stop_ids, self.device)
 
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(scores used for training, each reward source's raw scores)."""
+    def score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(scores used for training, the raw weighted total before normalisation and penalties,
+        each reward source's raw scores)."""
         total, breakdown = self.reward_function(rollout.prompts, rollout.texts)
         scores = self.normalizer(total).to(self.device)
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~rollout.finished).float()
-        return scores, breakdown
+        return scores, total, breakdown
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -493,7 +494,7 @@ class Engine:
         prompts = [self.prompts_by_id[self.prompt_ids[i]] for i in indices]
         rollout = self.generate(prompts)
         generated = time.perf_counter()
-        scores, breakdown = self.score(rollout)
+        scores, raw_rewards, breakdown = self.score(rollout)
         ref_logprobs = self.reference_logprobs(rollout)
         scored = time.perf_counter()
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -503,6 +504,8 @@ class Engine:
         tokens = int(rollout.attention_mask.sum())
         return {
             **statistics,
+            # What the advisor judges: objective/scores is after normalisation, clipping and penalties.
+            "objective/raw_reward": raw_rewards.mean().item(),
             **{f"reward/{name}": values.mean().item() for name, values in breakdown.items()},
             "response_length_mean": rollout.lengths.float().mean().item(),
             "stop_token_rate": rollout.finished.float().mean().item(),

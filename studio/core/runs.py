@@ -53,6 +53,7 @@ ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo", "grpo": "s
 # A step's raw reward, for the run's no-progress check: PPO's before normalisation, else its scores,
 # else GRPO/RLOO's `reward`.
 REWARD_METRICS = ("objective/raw_reward", "objective/scores", "reward")
+SHAPING_METHODS = ("ppo", "grpo", "rloo")  # reward-driven: they sample their start state at step 0
 
 
 class ConfigError(StudioError):
@@ -648,9 +649,6 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
         last = sink.last_checkpoint(log)
         step = resume_from_checkpoint(last, engine) if last is not None else 0
         sink.discard_after(step)  # steps after it (or every step, before a first checkpoint) are redone
-        if step:
-            log(f"Resumed from the checkpoint at step {step}")
-        last_saved = step
 
         def checkpoint() -> None:
             sink.flush()
@@ -658,6 +656,14 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
                 save_checkpoint(sink, run_dir, step, engine, tokenizer, device, config, data, on_progress)
             distributed.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
             log(f"Checkpoint saved at step {step}")
+
+        if step:
+            log(f"Resumed from the checkpoint at step {step}")
+        elif last is None and config.method in SHAPING_METHODS:
+            # The start state's eval outputs: the reference every side effect is measured against.
+            checkpoint()
+            log("Start state sampled (checkpoint at step 0)")
+        last_saved = step
 
         rewards: list[float] = []  # this session's step rewards, for the no-progress check
         while step < config.max_steps:

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
 
 from studio.core import advisor, store
 
-from . import MUTED, bold, hint_label, icon, show_message
+from . import MUTED, bold, hint_label, icon
 from ..workers import describe_error, run_in_background
 
 VERDICT_COLOURS = {
@@ -38,11 +38,12 @@ QUIET = "#64748b"  # a signal that does not fire: neutral slate, not a verdict c
 ZONE = QColor(198, 40, 40, 38)  # the firing zone of a chart, faint red
 TRENDS = {"rising": "↑ rising", "falling": "↓ falling", "flat": "→ flat", "": ""}
 CHART_HEIGHT = 96
-PLAIN_KEYS = ("repetition", "refusals")  # shown as plain differences; every other signal in percent
+PLAIN_KEYS = ("repetition", "refusals", "reward_spread", "kl_per_token", "kl_acceleration", "oscillation")  # else percent
 NO_RUN = -1  # the selector's "judge the base" entry
 SECTIONS = (
     ("Is the base messy?", advisor.BASE_SIGNALS),
     ("Is PPO still paying off?", advisor.PROGRESS_SIGNALS),
+    ("RL health", advisor.HEALTH_SIGNALS),
     ("Side effects", advisor.SIDE_EFFECT_SIGNALS),
 )
 
@@ -54,9 +55,18 @@ def gather_advice(project_path: str, run_id: int | None, refresh_id: int) -> tup
     """
     db = store.connect(project_path)
     try:
-        return refresh_id, run_id, advisor.ppo_runs(db), advisor.advise(advisor.gather(db, run_id))
+        return refresh_id, run_id, advisor.shaping_runs(db), advisor.advise(advisor.gather(db, run_id))
     finally:
         db.close()
+
+
+def context_text(advice: advisor.Advice) -> str:
+    """The lines under the explanation: intended changes, what is missing, the labelled-quality fit."""
+    lines = [f"Treated as intended: {reason}" for reason in advice.intended]
+    lines += [f"Missing: {item}" for item in advice.missing]
+    if advice.quality_peak:
+        lines.append(advice.quality_peak[0].upper() + advice.quality_peak[1:])
+    return "<br>".join(lines)
 
 
 def with_connection(project_path: str, function, *args, **kwargs):
@@ -92,7 +102,7 @@ class SignalChart(pg.PlotWidget):
         self.plotItem.clear()
         scale = 1 if signal.key in PLAIN_KEYS else 100
         signal = replace(signal, value=None if signal.value is None else signal.value * scale,
-                         threshold=signal.threshold * scale,
+                         threshold=signal.threshold * scale if math.isfinite(signal.threshold) else None,
                          history=[(step, None if v is None else v * scale) for step, v in signal.history])
         if signal.history:
             self._show_history(signal)
@@ -129,7 +139,7 @@ class SignalChart(pg.PlotWidget):
     def _label_values(self, axis: str, signal: advisor.Signal, values: list[float], low: float,
                       high: float) -> None:
         """Tick the threshold(s) and the extreme values only: a small chart cannot hold more labels."""
-        thresholds = [signal.threshold, -signal.threshold] if signal.direction == "outside" else [signal.threshold]
+        thresholds = threshold_lines(signal)
         marks = [t for t in thresholds if low <= t <= high]
         for value in (min(values, default=None), max(values, default=None)):
             if value is not None and all(abs(value - m) > 0.3 * (high - low) for m in marks):
@@ -139,6 +149,8 @@ class SignalChart(pg.PlotWidget):
     def _shade(self, signal: advisor.Signal, low: float, high: float, horizontal: bool) -> None:
         """Shade where the signal fires, and draw its threshold line(s)."""
         t = signal.threshold
+        if t is None:  # never fires at this tolerance
+            return
         zones = {"above": [(t, high)], "below": [(low, t)], "outside": [(t, high), (low, -t)]}[signal.direction]
         orientation = "horizontal" if horizontal else "vertical"
         for start, end in zones:
@@ -153,13 +165,19 @@ class SignalChart(pg.PlotWidget):
 
 def value_range(values: list[float], signal: advisor.Signal, floor: float | None = None) -> tuple[float, float]:
     """A y (or x) range that shows the values and the threshold with some room."""
-    t = signal.threshold
-    points = values + ([t, -t] if signal.direction == "outside" else [t])
-    low, high = min(points), max(points)
+    points = values + threshold_lines(signal)
+    low, high = min(points, default=0.0), max(points, default=1.0)
     if floor is not None:
         low = min(low, floor)
     span = (high - low) or 1.0
     return low - 0.15 * span, high + 0.25 * span
+
+
+def threshold_lines(signal: advisor.Signal) -> list[float]:
+    t = signal.threshold
+    if t is None:
+        return []
+    return [t, -t] if signal.direction == "outside" else [t]
 
 
 CARD_MIN_WIDTH = 220
@@ -186,8 +204,11 @@ class SignalCard(QFrame):
         self.value = bold(QLabel("—"), 6)
         self.trend = QLabel()
         self.trend.setStyleSheet(f"color: {MUTED};")
+        self.interval = QLabel()  # the 95% interval the firing rule uses
+        self.interval.setStyleSheet(f"color: {MUTED};")
         numbers.addWidget(self.value)
         numbers.addWidget(self.trend)
+        numbers.addWidget(self.interval)
         numbers.addStretch(1)
         layout.addLayout(numbers)
         self.threshold = QLabel()
@@ -202,10 +223,16 @@ class SignalCard(QFrame):
         self.value.setText(advisor.format_number(signal.key, signal.value))
         self.value.setStyleSheet(f"color: {FIRING if signal.fires else CALM};")
         self.trend.setText(TRENDS[signal.trend])
-        state = "FIRES" if signal.fires else "quiet" if signal.value is not None else "not measured"
+        if signal.low is not None:
+            self.interval.setText(f"· 95%: {advisor.format_number(signal.key, signal.low)} to "
+                                  f"{advisor.format_number(signal.key, signal.high)}")
+        else:
+            self.interval.setText("no interval yet" if signal.value is not None else "")
+        state = ("intended" if signal.intended else "FIRES" if signal.fires else
+                 "quiet" if signal.value is not None else "not measured")
         self.threshold.setText(f"fires at {advisor.threshold_text(signal)} · {state}")
         self.threshold.setStyleSheet(f"color: {FIRING if signal.fires else MUTED};")
-        self.detail.setText(signal.detail)
+        self.detail.setText(signal.detail + (f". Treated as intended: {signal.intended}" if signal.intended else ""))
         self.setToolTip(signal.detail)
         self.chart.show_signal(signal)
 
@@ -322,6 +349,13 @@ class AdvisorPanel(QWidget):
         font.setPointSizeF(font.pointSizeF() + 1)
         self.explanation.setFont(font)
         layout.addWidget(self.explanation)
+        self.context = hint_label()  # what is treated as intended, what is missing, the quality fit
+        layout.addWidget(self.context)
+        self.error = QLabel()  # a failure is shown here, never in a modal that comes back on each refresh
+        self.error.setWordWrap(True)
+        self.error.setStyleSheet(f"color: {FIRING};")
+        self.error.hide()
+        layout.addWidget(self.error)
         self._colour_verdict("need_evidence")
         return box
 
@@ -412,6 +446,9 @@ class AdvisorPanel(QWidget):
         self.tolerance.setText(f"Risk tolerance: <b>{advice.risk_tolerance}</b>")
         self.refers_to.setText(f"Advice refers to {advice.checkpoint_label}")
         self.explanation.setText(advice.explanation)
+        self.context.setText(context_text(advice))
+        self.context.setVisible(bool(self.context.text()))
+        self.show_error("")
         for signal in advice.base_signals + advice.run_signals:
             self.cards[signal.key].show_signal(signal)
         shown = {s.key for s in advice.base_signals + advice.run_signals}
@@ -435,13 +472,17 @@ class AdvisorPanel(QWidget):
 
     def _refresh_failed(self, exc: BaseException) -> None:
         self.status.setText("")
-        show_message(self, "Could not read the project", describe_error(exc))
+        self.show_error(f"Could not read the project: {describe_error(exc)}")
+
+    def show_error(self, message: str) -> None:
+        self.error.setText(message)
+        self.error.setVisible(bool(message))
 
     # --- actions ---
 
     def sample_base(self) -> None:
         self._run_action("Sampling the base…", advisor.sample_base, self.project_path,
-                         on_result=self._base_sampled)
+                         run_id=self.selected_run(), on_result=self._base_sampled)
 
     def label_pairs(self) -> None:
         self._run_action("Sampling pairs to label…", with_connection, self.project_path,
@@ -473,11 +514,11 @@ class AdvisorPanel(QWidget):
     def busy(self) -> bool:
         return self._on_action_result is not None
 
-    def _run_action(self, message: str, function, *args, on_result) -> None:
+    def _run_action(self, message: str, function, *args, on_result, **kwargs) -> None:
         self._on_action_result = on_result
         self._update_buttons()
         self.status.setText(message)
-        run_in_background(function, *args, on_result=self._action_done, on_error=self._action_failed)
+        run_in_background(function, *args, **kwargs, on_result=self._action_done, on_error=self._action_failed)
 
     def _action_done(self, result) -> None:
         on_result, self._on_action_result = self._on_action_result, None
@@ -489,7 +530,7 @@ class AdvisorPanel(QWidget):
         self._on_action_result = None
         self.status.setText("")
         self._update_buttons()
-        show_message(self, "The advisor's action failed", describe_error(exc))
+        self.show_error(f"The advisor's action failed: {describe_error(exc)}")
 
     def _update_buttons(self) -> None:
         has_project = self.project_path is not None and not self.busy

@@ -1,0 +1,61 @@
+"""Real PPO runs on the demo model (tests/data/advisor/*.json, exported with
+`python -m studio.core.advisor_history`), replayed: the advisor's verdict at each checkpoint as the run
+went, against what a person reading the outputs would say (docs/advisor.md, "Real histories")."""
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from advisor_histories import at_checkpoint, varied_text
+from studio.core import advisor, store
+from studio.core.advisor_history import FORMAT, evidence_from_history, export_history
+
+HISTORIES = Path(__file__).parent / "data" / "advisor"
+
+# Per history: the verdict a person would give at each checkpoint after step 0 (docs/advisor.md).
+EXPECTED = {
+    # +0.25 per "the": the reward stays near 0.3 (about one "the" per answer) for 28 steps; answers are
+    # reworded, a little shorter, not hacked. Too early to judge, then "nothing is being shaped".
+    "loves_the.json": ["keep_ppo"] * 4 + ["need_evidence"],
+    # Rules the base already meets (no lists, at most 6 lines, no insults): reward at its maximum 2.0
+    # from step 1; answers barely change. After 20 flat steps: nothing to shape, and the base's 5 list
+    # answers in 36 samples (14%, [7%, 26%]) straddle the 20% bar, so it asks for more base samples.
+    "clean_start.json": ["keep_ppo"] * 4 + ["need_evidence"] * 2,
+}
+
+
+def verdicts(evidence):
+    return [advisor.advise(replace(evidence, run=at_checkpoint(evidence.run, k))).verdict
+            for k in range(1, len(evidence.run.checkpoints) + 1)]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_the_verdicts_of_a_real_run_match_what_its_outputs_show(name):
+    evidence = evidence_from_history(json.loads((HISTORIES / name).read_text(encoding="utf-8")))
+    assert verdicts(evidence) == EXPECTED[name]
+
+
+def test_a_history_exports_and_replays_to_the_same_advice(project):
+    db = project.db
+    prompts = [p["id"] for p in store.eval_prompts(db)]
+    run_id = store.create_run(db, "ppo", {"reward_sources": [{"type": "terminal_punctuation"}]}, status="completed")
+    store.write_metrics(db, run_id, [{"step": s, "time": time.time(), "objective/raw_reward": 0.05 * s,
+                                      "objective/kl": 0.1 * s, "response_length_mean": 20.0} for s in range(1, 31)])
+    for step in range(0, 31, 10):
+        checkpoint_id = store.add_checkpoint(db, run_id, step, f"/nowhere/{step}")
+        store.add_samples(db, [{"checkpoint_id": checkpoint_id, "prompt_id": p, "sample_index": 0, "seed": 0,
+                                "decoding": {"temperature": 0.0}, "text": varied_text(p, step)} for p in prompts])
+    data = json.loads(json.dumps(export_history(db, run_id)))  # through JSON, as stored
+    assert data["format"] == FORMAT and [c["step"] for c in data["run"]["checkpoints"]] == [10, 20, 30]
+    replayed = advisor.advise(evidence_from_history(data))
+    direct = advisor.advise(advisor.gather(db, run_id))
+    assert (replayed.verdict, replayed.checkpoint_id, replayed.explanation) == \
+        (direct.verdict, direct.checkpoint_id, direct.explanation)
+
+
+def test_a_file_that_is_not_a_history_is_refused_by_name():
+    with pytest.raises(ValueError, match="not an advisor history"):
+        evidence_from_history({"format": "something else"})
