@@ -59,6 +59,8 @@ def main(project_dir: Path, out_dir: Path) -> None:
     window.grab().save(str(out_dir / "walkthrough-checklist.png"))
 
     compare = window.compare_panel
+    for dock in window.docks.values():  # three panes side by side need the window's whole width
+        dock.hide()
     window.show_tab(compare)
     compare.refresh()
     states = [None]
