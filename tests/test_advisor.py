@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from advisor_histories import PROMPTS, make_run, varied_text
+from tests.advisor_histories import PROMPTS, make_run, varied_text
 from studio.core import advisor, store
 from studio.core.advisor import BaseSample, Evidence
 from studio.core.advisor_stats import (Estimate, gao_fit, gao_peak_kl, jackknife, robust_slope, t_factor,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from advisor_histories import at_checkpoint, varied_text
+from tests.advisor_histories import at_checkpoint, varied_text
 from studio.core import advisor, store
 from studio.core.advisor_history import FORMAT, evidence_from_history, export_history
 

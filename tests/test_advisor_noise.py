@@ -8,7 +8,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advisor_histories import heavy_tailed, make_run, varied_text, verdicts_over_time
+from tests.advisor_histories import heavy_tailed, make_run, varied_text, verdicts_over_time
 
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
