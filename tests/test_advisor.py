@@ -294,6 +294,28 @@ def test_lengthening_against_a_length_band_is_a_side_effect():
     assert signal(advice, "length_drift").fires and advice.verdict == "switch_now"
 
 
+def test_shortening_to_finish_answers_that_started_cut_off_is_intended():
+    # The demo's case: the band (5-60 words) holds both lengths, but the start's answers are cut off
+    # mid-sentence and a rule asks for a finished one: they can only finish by getting shorter.
+    finished = [{"type": "length_band", "name": "band", "min": 5, "max": 60},
+                {"type": "terminal_punctuation", "name": "finished"}]
+    run = make_run(lambda s: 0.02 * s, outputs=lambda p, i: varied_text(p, i, max(8, 30 - 3 * i)) + ".",
+                   start={p: varied_text(p, "s", 30) for p in PROMPTS}, sources=finished)
+    advice = advisor.advise(Evidence(run=run))
+    drift = signal(advice, "length_drift")
+    assert drift.value < -0.5 and not drift.fires and "finished" in drift.intended
+    assert advice.verdict == "keep_ppo"
+
+
+def test_shortening_is_a_side_effect_when_the_start_already_finished_its_answers():
+    finished = [{"type": "length_band", "name": "band", "min": 5, "max": 60},
+                {"type": "terminal_punctuation", "name": "finished"}]
+    run = make_run(lambda s: 0.02 * s, outputs=lambda p, i: varied_text(p, i, max(8, 30 - 3 * i)) + ".",
+                   start={p: varied_text(p, "s", 30) + "." for p in PROMPTS}, sources=finished)
+    advice = advisor.advise(Evidence(run=run))
+    assert signal(advice, "length_drift").fires and advice.verdict == "switch_now"
+
+
 def test_refusals_a_safety_rule_targets_are_intended():
     def outputs(p, i):  # from checkpoint 3 on, half the prompts are refused
         return f"I'm sorry, I can't help with {varied_text(p, i, 4)}." if p % 2 and i > 2 else varied_text(p, i)

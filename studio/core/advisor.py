@@ -202,10 +202,19 @@ class Intent:
 SAFETY_NAME = re.compile(r"safe|refus|harm|decline", re.IGNORECASE)
 
 
-def intent_of(sources: list[dict], start_mean_words: float | None) -> Intent:
+def ends_sentence(text: str, characters: str = ".!?") -> bool:
+    """Does the text end a sentence (closing quotes and brackets aside)? The terminal_punctuation rule."""
+    ending = text.rstrip().rstrip("\"'”’)]*_")
+    return bool(ending) and ending[-1] in characters
+
+
+def intent_of(sources: list[dict], start_outputs: list[str]) -> Intent:
     """What the sources target. A length band (in words) or a line limit makes moving toward it
-    intended; a source that rewards refusal phrases, or is named for safety, makes refusals intended."""
+    intended; so does a rule asking for a finished sentence when most of the start's answers are cut
+    off (they can only finish within the token budget by getting shorter). A source that rewards
+    refusal phrases, or is named for safety, makes refusals intended."""
     intent = Intent()
+    start_mean_words = mean_length(start_outputs) if start_outputs else None
     for source in sources:
         name = source.get("name") or source.get("type", "")
         kind, weight = source.get("type"), source.get("weight", 1.0)
@@ -222,6 +231,12 @@ def intent_of(sources: list[dict], start_mean_words: float | None) -> Intent:
         elif kind == "max_lines" and weight > 0 and intent.length == 0:
             intent.length = -1
             intent.length_reason = f"shorter answers: reward source '{name}' limits answers to {source.get('max_lines')} lines"
+        elif kind == "terminal_punctuation" and weight > 0 and intent.length == 0 and start_outputs:
+            cut_off = sum(not ends_sentence(text, source.get("characters", ".!?")) for text in start_outputs)
+            if cut_off > len(start_outputs) / 2:
+                intent.length = -1
+                intent.length_reason = (f"shorter answers: reward source '{name}' asks for a finished sentence, and "
+                                        f"{cut_off} of the start's {len(start_outputs)} answers are cut off")
         rewarded_text = " ".join(source.get("words", [])) + " " + source.get("pattern", "")
         rewards_refusing = (kind in ("required_words", "regex") and not source.get("forbid") and weight > 0
                             and is_refusal_or_empty(rewarded_text) and rewarded_text.strip())
@@ -790,7 +805,7 @@ def advise(evidence: Evidence) -> Advice:
             advice.run_id = run.run_id
             advice.missing.insert(0, f"a checkpoint of {run.name} after step 0")
         return advice
-    intent = intent_of(run.sources, mean_length(list(run.start_outputs.values())) if run.start_outputs else None)
+    intent = intent_of(run.sources, list(run.start_outputs.values()))
     measured = measure_checkpoints(run, intent, tolerance)
     signals = run_signals(run, measured, intent, tolerance)
     advice = (advise_settling(evidence, base, signals, tolerance) if run.settling_run is not None

@@ -192,8 +192,9 @@ class TerminalPunctuation(Rule):
     characters: str = param(".!?", "Characters that count as an ending")
 
     def score(self, response: str, tokenizer) -> float:
-        ending = response.rstrip().rstrip("\"'”’)]*_")
-        return 1.0 if ending and ending[-1] in self.characters else 0.0
+        from .advisor import ends_sentence  # the advisor judges intent with the same test
+
+        return 1.0 if ends_sentence(response, self.characters) else 0.0
 
 
 @dataclass
