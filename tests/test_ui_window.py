@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytestqt.exceptions
 from PySide6.QtCore import QEvent, QMimeData, QPointF, QSettings, Qt, QUrl
 from PySide6.QtGui import QDropEvent
 from PySide6.QtWidgets import QApplication, QMenu, QMessageBox
@@ -521,3 +520,28 @@ def test_a_new_users_first_hour(qtbot, make_window, tmp_path, tiny_model_dir):
                           check_params_cb=lambda advice: advice.run_id == ppo_run):
         advisor.run_selector.setCurrentIndex(advisor.run_selector.findData(ppo_run))
     assert not [box for box in again.findChildren(QMessageBox) if box.isVisible()]
+
+
+def test_opening_a_project_takes_its_daily_backup_and_check_reports_a_damaged_checkpoint(qtbot, make_window, tmp_path,
+                                                                                         tiny_model_dir):
+    window = make_window()
+    assert window.create_project(tmp_path / "p", "P", {"kind": "folder", "path": str(tiny_model_dir)})
+    backups = list((window.project.path / store.BACKUP_DIR).glob("studio-*.db"))
+    assert len(backups) == 1  # taken on open; the hourly look takes no second one the same day
+    window.backup_daily()
+    assert list((window.project.path / store.BACKUP_DIR).glob("studio-*.db")) == backups
+
+    run_id = store.create_run(window.project.db, "dpo", {})
+    folder = window.project.path / "runs" / str(run_id) / "checkpoint-1"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    store.add_checkpoint(window.project.db, run_id, 1, str(folder))
+    window.check_project()
+
+    def shown():
+        return [b for b in window.findChildren(QMessageBox) if b.isVisible()]
+
+    qtbot.waitUntil(lambda: bool(shown()), timeout=60_000)
+    box = shown()[-1]
+    assert box.windowTitle() == "The project has problems"
+    assert "adapter_model.safetensors" in box.detailedText()

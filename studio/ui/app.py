@@ -11,6 +11,7 @@ one line there.
 from __future__ import annotations
 
 import gc
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,9 @@ class MainWindow(QMainWindow):
         self.wheel_guard = WheelGuard(self)  # the wheel scrolls the page over unfocused values and charts
         QApplication.instance().installEventFilter(self.wheel_guard)
         self.queue = RunQueue(self)
+        self.backup_timer = QTimer(self)  # the open project's daily backup, looked at hourly
+        self.backup_timer.timeout.connect(self.backup_daily)
+        self.backup_timer.start(3600 * 1000)
         self.projects_panel = ProjectsPanel()
         self.data_panel = DataPanel()
         self.run_setup = RunSetupPanel()
@@ -249,6 +253,8 @@ class MainWindow(QMainWindow):
                                "Write the pairs made from your labels as TRL preference JSONL")
         self.export_gguf_action = a("Export Checkpoint as &GGUF…", self.export_gguf, "fa6s.file-export", None,
                                     "The merged model as a GGUF file for llama.cpp and Ollama, with a model card")
+        self.check_action = a("&Check Project…", self.check_project, "fa6s.stethoscope", None,
+                              "Check the whole database and every checkpoint's files (as `studio check`)")
         self.quit_action = a("&Quit", self.close, "fa6s.right-from-bracket", QKeySequence.StandardKey.Quit)
         self.new_dpo_action = a("New &DPO Run", lambda: self.new_run("dpo"), "fa6s.scale-balanced", "Ctrl+D",
                                 "Configure a DPO run: learn from preference pairs")
@@ -272,6 +278,8 @@ class MainWindow(QMainWindow):
         self.recent_menu = file_menu.addMenu(icon("fa6s.clock"), "Recent &Projects")
         file_menu.addSeparator()
         file_menu.addActions([self.import_action, self.export_action, self.export_gguf_action])
+        file_menu.addSeparator()
+        file_menu.addAction(self.check_action)
         file_menu.addSeparator()
         file_menu.addAction(self.quit_action)
         run_menu = bar.addMenu("&Run")
@@ -447,9 +455,40 @@ class MainWindow(QMainWindow):
         if project is not None:
             self._remember(project.path)
             self.settings.setValue("projects/last", str(project.path))
+            self.backup_daily()
         self._update_actions()
         self._update_status()
         self.project_changed.emit(project)
+
+    def backup_daily(self) -> None:
+        """A rotating backup of the open project once a day (SQLite's online backup: fast, safe while open)."""
+        if self.project is None:
+            return
+        try:
+            made = store.daily_backup(self.project)
+        except (OSError, sqlite3.Error) as exc:
+            self.statusBar().showMessage(f"The daily backup failed: {describe_error(exc)}", 10_000)
+            return
+        if made is not None:
+            self.statusBar().showMessage(f"Backed up the project to {made}", 5_000)
+
+    def check_project(self):
+        """The full integrity check of the open project, in the background; the result in a message."""
+        if self.project is None:
+            return None
+        from studio.core.health import check_project
+
+        self.statusBar().showMessage("Checking the project…")
+        return run_in_background(check_project, self.project.path, on_result=self._project_checked,
+                                 on_error=lambda exc: show_message(self, "Check failed", describe_error(exc)))
+
+    def _project_checked(self, problems: list[str]) -> None:
+        self.statusBar().clearMessage()
+        if problems:
+            show_message(self, "The project has problems", f"{len(problems)} problem(s) found.",
+                         details="\n".join(problems))
+        else:
+            show_message(self, "Project checked", "The database and every checkpoint's files are whole.", level="info")
 
     def project_name(self) -> str:
         if self.project is None:
