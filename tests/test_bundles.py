@@ -135,3 +135,16 @@ def test_bundle_sink_writes_metrics_in_batches_while_the_run_goes_on(tmp_path):
     follower.flush()
     follower.set_status("completed")
     assert not (tmp_path / "rank1").exists()
+
+
+def test_a_bundle_whose_config_was_edited_badly_is_refused_by_field_before_training(project, tmp_path):
+    add_pairs(project)
+    out = bundles.make_bundle(project.path, dpo_run(project), tmp_path / "bundle")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "checkpoint_every": 0}))
+    manifest = json.loads((out / "manifest.json").read_text())  # a hand edit the manifest is told about
+    manifest["files"]["config.json"] = bundles.sha256(out / "config.json")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(runs.SettingsError, match="checkpoint_every"):
+        bundles.run_bundle(out)
+    assert not (out / "run" / "metrics.jsonl").exists()

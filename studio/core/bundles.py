@@ -33,9 +33,10 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import distributed, runs, store
+from . import distributed, runs, store, trackers
 from .errors import StudioError
 from .models import ModelSource, resolve_folder
+from .settings import check_settings
 
 FORMAT = 1
 IMPORTED_KEY = "imported_runs"  # project setting: {source key: run id}, what makes import idempotent
@@ -321,11 +322,18 @@ def run_bundle(bundle: Path | str, control: runs.RunControl | None = None,
     manifest = verify_bundle(bundle)
     distributed.init_from_environment()
     try:
-        config = runs.engine_module(manifest["method"]).Config.from_json(
-            json.loads((bundle / "config.json").read_text()))
+        values = json.loads((bundle / "config.json").read_text())
+        check_settings(manifest["method"], values)  # a config.json edited by hand is checked as the form is
+        config = runs.engine_module(manifest["method"]).Config.from_json(values)
+        data = bundle_training_data(bundle)
         sink = BundleSink(bundle, writes=distributed.is_main())
-        return runs.train(config, bundle_training_data(bundle), bundle_start(bundle, manifest), bundle / "run",
-                          sink, control, on_metrics, on_log)
+        if distributed.is_main() and config.report_to:  # the trackers the run asks for, on the node that writes
+            info = trackers.RunInfo(project=bundle.name, run_id=0, run_name=manifest["source"]["run_name"],
+                                    run_dir=bundle / "run", config=values)
+            sink = trackers.reporting(sink, trackers.parse_report_to(config.report_to), info, data.eval_prompts,
+                                      on_log or (lambda message: None))
+        return runs.train(config, data, bundle_start(bundle, manifest), bundle / "run", sink, control,
+                          on_metrics, on_log)
     finally:
         distributed.shutdown()
 
