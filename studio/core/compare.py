@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Callable
 
-from . import store
+from . import labelling, store
 
 BASE = None
 DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed")
@@ -44,7 +44,7 @@ def model_states(db) -> list[StateInfo]:
     states = [StateInfo(BASE, "Base model")]
     for checkpoint in store.checkpoints(db):
         run = runs[checkpoint["run_id"]]
-        states.append(StateInfo(checkpoint["id"], f"{run['name']} @ step {checkpoint['step']}",
+        states.append(StateInfo(checkpoint["id"], labelling.describe_state(db, checkpoint["id"]),
                                 run["id"], run["method"], checkpoint["step"]))
     return states
 
