@@ -236,7 +236,7 @@ def cmd_train(args) -> int:
                 overrides[key] = parse_value(value)
             if args.report_to is not None:
                 overrides["report_to"] = trackers.parse_report_to(args.report_to)
-            config = runs.make_config(args.method, overrides, model_parameters(project.db))
+            config = runs.make_config(args.method, overrides, runs.model_parameters(project.db))
             run_id = runs.create_run(project.db, config, name=args.name)
             method = args.method
         control = runs.RunControl()
@@ -245,14 +245,6 @@ def cmd_train(args) -> int:
         status = runs.execute(project.path, run_id, control, on_metrics=print_record,
                               on_log=lambda message: print(f"[run {run_id}] {message}"))
     return 0 if status in ("completed", "stopped") else 1
-
-
-def model_parameters(db) -> int:
-    """The project's base model size, which picks its defaults (studio/core/defaults.py)."""
-    from studio.core import store
-    from studio.core.models import ModelSource, inspect_model
-
-    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model"))).parameters
 
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",
