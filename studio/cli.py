@@ -220,6 +220,7 @@ def cmd_runs(args) -> int:
 
 def cmd_train(args) -> int:
     from studio.core import runs, store, trackers
+    from studio.core.models import model_parameters
 
     with store.Project.open(args.dir) as project:
         if args.resume is not None:
@@ -236,7 +237,7 @@ def cmd_train(args) -> int:
                 overrides[key] = parse_value(value)
             if args.report_to is not None:
                 overrides["report_to"] = trackers.parse_report_to(args.report_to)
-            config = runs.make_config(args.method, overrides, runs.model_parameters(project.db))
+            config = runs.make_config(args.method, overrides, model_parameters(project.db))
             run_id = runs.create_run(project.db, config, name=args.name)
             method = args.method
         control = runs.RunControl()

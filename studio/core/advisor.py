@@ -1338,9 +1338,10 @@ def dpo_config(db, checkpoint_id: int | None, overrides: dict | None = None):
     `overrides` says otherwise.
     """
     from . import runs
+    from .models import model_parameters
 
     settings = {"include_labels": True, **(overrides or {}), "parent_checkpoint_id": checkpoint_id}
-    return runs.make_config("dpo", settings, runs.model_parameters(db))
+    return runs.make_config("dpo", settings, model_parameters(db))
 
 
 def start_dpo_from_checkpoint(db, checkpoint_id: int | None, overrides: dict | None = None,
@@ -1362,13 +1363,14 @@ def create_quick_trial(db, start_checkpoint_id: int | None = None, steps: int = 
     DPO run id), both queued.
     """
     from . import runs
+    from .models import model_parameters
 
     shared = {"max_steps": steps, "checkpoint_every": max(1, steps // 4), "seed": 0,
               "parent_checkpoint_id": start_checkpoint_id}
     where = state_name(db, start_checkpoint_id)
     judged_run = store.get_checkpoint(db, start_checkpoint_id)["run_id"] if start_checkpoint_id is not None else None
     sources = judged_sources(db, judged_run)
-    parameters = runs.model_parameters(db)
+    parameters = model_parameters(db)
     ppo_config = runs.make_config("ppo", {**shared, "reward_sources": sources, **(ppo_overrides or {})}, parameters)
     dpo_config = runs.make_config("dpo", {"include_labels": True, **shared, **(dpo_overrides or {})}, parameters)
     with db.atomic():  # both or neither: a trial with one side is no comparison

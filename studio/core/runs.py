@@ -153,13 +153,6 @@ def make_config(method: str, overrides: dict | None = None, parameters: int | No
     return module.Config.from_json(values)
 
 
-def model_parameters(db) -> int:
-    """The project's base model size, which picks its defaults (make_config, defaults.py)."""
-    from .models import inspect_model
-
-    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model"))).parameters
-
-
 def create_run(db, config: TrainConfig, name: str | None = None) -> int:
     """Validate `config` against the project and record a queued run; returns its id."""
     if name is not None and not name.isprintable():
