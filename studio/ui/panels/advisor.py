@@ -345,6 +345,7 @@ class AdvisorPanel(QWidget):
         row.addWidget(self.refresh_button)
         row.addStretch(1)
         self.status = hint_label()
+        self.status.setWordWrap(False)  # one line: wrapped, the progress read-out was cut off in the toolbar
         row.addWidget(self.status)
         self.stop_button = QPushButton(icon("fa6s.stop"), "Stop")
         self.stop_button.setToolTip("Stop sampling after the batch in progress; nothing of this pass is stored.")
