@@ -249,3 +249,14 @@ def test_cards_reflow_to_the_width_without_sideways_scrolling(qtbot, panel):
         grid, keys = panel._grids[-1]  # the side-effects section: five cards
         rows[width] = 1 + max(grid.getItemPosition(grid.indexOf(panel.cards[key]))[0] for key in keys)
     assert rows == {1400: 1, 950: 2}
+
+
+def test_an_action_whose_settings_cannot_be_read_says_why_instead_of_asking(qtbot, panel, project):
+    write_history(project.db)
+    open_project(qtbot, panel, project)
+    store.set_setting(project.db, "base_model", {"kind": "folder", "path": str(project.path / "gone")})
+    panel.dpo_button.click()
+    assert confirmation(panel) is None
+    assert panel.error.text().startswith("The advisor's action cannot start: ")
+    assert "gone" in panel.error.text()  # names the model folder that is missing
+    assert panel.dpo_button.isEnabled()  # nothing started

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import advisor, store
+from studio.core.errors import StudioError
 from studio.core.progress import ProgressMeter
 
 from . import MUTED, ask_once, bold, hint_label, icon
@@ -514,7 +515,9 @@ class AdvisorPanel(QWidget):
 
     def sample_base(self) -> None:
         run_id = self.selected_run()
-        decoding = with_connection(self.project_path, advisor.base_sampling, run_id)
+        decoding = self._read_settings(advisor.base_sampling, run_id)
+        if decoding is None:
+            return
         ask_once(self, "advisor_sample_base", "Sample the base model?",
                  f"Every eval prompt is answered {advisor.BASE_SAMPLES} times by the base model (seeds "
                  f"0 to {advisor.BASE_SAMPLES - 1}) and once greedily; base samples stored earlier with "
@@ -552,7 +555,10 @@ class AdvisorPanel(QWidget):
 
     def start_dpo(self) -> None:
         checkpoint_id, where = self.advice.checkpoint_id, self.advised_state()
-        config = with_connection(self.project_path, advisor.dpo_config, checkpoint_id).to_json()
+        config = self._read_settings(advisor.dpo_config, checkpoint_id)
+        if config is None:
+            return
+        config = config.to_json()
         ask_once(self, "advisor_start_dpo", f"Start DPO from {where}?",
                  f"A DPO run whose starting policy and reference are {where}, trained on the labelled "
                  "and imported preference pairs:",
@@ -570,6 +576,14 @@ class AdvisorPanel(QWidget):
                  lambda: self._run_action("Creating the trial runs…", with_connection, self.project_path,
                                           advisor.create_quick_trial, checkpoint_id,
                                           on_result=self._trial_created))
+
+    def _read_settings(self, function, *args):
+        """The settings an action will use, read before asking; None (the reason shown) when they cannot be."""
+        try:
+            return with_connection(self.project_path, function, *args)
+        except (StudioError, OSError, ValueError) as exc:  # a bad setting or an unreadable model
+            self.show_error(f"The advisor's action cannot start: {describe_error(exc)}")
+            return None
 
     def advised_state(self) -> str:
         """The advised checkpoint by the name the labelling and compare views give it."""
