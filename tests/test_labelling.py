@@ -269,3 +269,15 @@ def test_every_label_reported_survives_kill_9(tmp_path):
     with store.Project.open(folder) as project:
         stored = {row["id"] for row in labelling.label_history(project.db)}
     assert len(reported) >= 8 and set(reported) <= stored
+
+
+def test_checkpoints_are_named_by_their_place_in_their_run(project):
+    db = project.db
+    store.create_run(db, "dpo", {})  # another run's checkpoints do not shift the count
+    other = store.add_checkpoint(db, 1, 5, "/nowhere")
+    run_id = store.create_run(db, "ppo", {}, name="Shaping")
+    ids = [store.add_checkpoint(db, run_id, step, "/nowhere") for step in (20, 0, 10)]  # stored out of order
+    assert [labelling.describe_state(db, i) for i in ids] == [
+        "Shaping, checkpoint 2 (step 20)", "Shaping, start (step 0)", "Shaping, checkpoint 1 (step 10)"]
+    assert labelling.describe_state(db, other) == "DPO #1, checkpoint 1 (step 5)"
+    assert labelling.describe_state(db, labelling.BASE) == "base"

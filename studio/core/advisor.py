@@ -951,7 +951,7 @@ def advise_from_run(evidence: Evidence, base: list[Signal], signals: list[Signal
 
 def in_run(run: RunEvidence, checkpoint: CheckpointEvidence) -> str:
     """The checkpoint's name as the labelling and compare views give it (the run's n-th checkpoint)."""
-    number = 1 + sum(1 for c in run.checkpoints if c.step < checkpoint.step)
+    number = labelling.checkpoint_number([c.step for c in run.checkpoints], checkpoint.step)
     return labelling.checkpoint_title(run.name, number, checkpoint.step)
 
 

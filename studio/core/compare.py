@@ -32,7 +32,7 @@ DEFAULT_DECODING = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "see
 @dataclass(frozen=True)
 class StateInfo:
     state: int | None  # None: the base model
-    label: str  # "Base model" or "PPO #2 @ step 50"
+    label: str  # "Base model" or "PPO #2, checkpoint 5 (step 50)"
     run_id: int | None = None
     method: str | None = None
     step: int | None = None

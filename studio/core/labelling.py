@@ -48,13 +48,18 @@ def checkpoint_title(run_name: str, number: int, step: int) -> str:
     return f"{run_name}, {where} (step {step})"
 
 
+def checkpoint_number(run_steps: list[int], step: int) -> int:
+    """Which of its run's checkpoints the one at `step` is: 1 for the first after the start (step 0 is 0)."""
+    return sum(1 for s in run_steps if 0 < s <= step)
+
+
 def describe_state(db: Database, state: str | int) -> str:
     """A readable name: "base" or "PPO #3, checkpoint 2 (step 50)"."""
     if state == BASE:
         return BASE
     checkpoint = store.get_checkpoint(db, int(state))
     run = store.get_run(db, checkpoint["run_id"])
-    number = sum(1 for c in store.checkpoints(db, run["id"]) if 0 < c["step"] <= checkpoint["step"])
+    number = checkpoint_number([c["step"] for c in store.checkpoints(db, run["id"])], checkpoint["step"])
     return checkpoint_title(run["name"] or f"run #{run['id']}", number, checkpoint["step"])
 
 

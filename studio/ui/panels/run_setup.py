@@ -822,16 +822,15 @@ class RunSetupPanel(QWidget):
         self.start_from.clear()
         self.start_from.addItem(icon("fa6s.cube"), "Base model", None)
         if self.project is not None:
-            from studio.core import store
+            from studio.core import labelling, store
 
             db = self.project.db
-            names = {run["id"]: run["name"] for run in store.list_runs(db)}
             best = {int(k): v.get("checkpoint_id") for k, v in (store.get_setting(db, "best_checkpoints", {}) or {}).items()}
             for checkpoint in reversed(store.checkpoints(db)):
                 run_id = checkpoint["run_id"]
                 star = best.get(run_id) == checkpoint["id"]
                 self.start_from.addItem(icon("fa6s.star" if star else "fa6s.box-archive", "#d4a106" if star else None),
-                                        f"{names.get(run_id, run_id)} · step {checkpoint['step']}"
+                                        labelling.describe_state(db, checkpoint["id"])  # as the advisor names it
                                         + ("  (best)" if star else ""), checkpoint["id"])
         index = self.start_from.findData(current)
         self.start_from.setCurrentIndex(max(0, index))
