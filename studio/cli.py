@@ -220,6 +220,7 @@ def cmd_runs(args) -> int:
 
 def cmd_train(args) -> int:
     from studio.core import runs, store, trackers
+    from studio.core.models import model_parameters
 
     with store.Project.open(args.dir) as project:
         if args.resume is not None:
@@ -245,14 +246,6 @@ def cmd_train(args) -> int:
         status = runs.execute(project.path, run_id, control, on_metrics=print_record,
                               on_log=lambda message: print(f"[run {run_id}] {message}"))
     return 0 if status in ("completed", "stopped") else 1
-
-
-def model_parameters(db) -> int:
-    """The project's base model size, which picks its defaults (studio/core/defaults.py)."""
-    from studio.core import store
-    from studio.core.models import ModelSource, inspect_model
-
-    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model"))).parameters
 
 
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",

@@ -6,6 +6,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -336,7 +337,9 @@ def test_a_low_win_rate_with_few_labels_asks_for_more_labels():
     run = make_run(lambda s: 0.02 * s, wins=lambda i: (1.0, 4))
     advice = advisor.advise(Evidence(run=run))
     assert advice.verdict == "need_evidence"
-    assert advice.missing[0].startswith("label ") and f"#{run.checkpoints[-1].checkpoint_id}" in advice.missing[0]
+    latest = run.checkpoints[-1]  # named as the run's n-th checkpoint, not by its database id
+    assert advice.missing[0].startswith("label ")
+    assert f" more pairs of {run.name}, checkpoint {len(run.checkpoints)} (step {latest.step}) against " in advice.missing[0]
 
 
 def test_labels_that_clearly_prefer_earlier_states_raise_the_hacking_alarm():
@@ -544,3 +547,22 @@ def test_switch_from_a_ppo_checkpoint_to_dpo_end_to_end(project):
     assert {(r["config"]["max_steps"], r["config"]["checkpoint_every"], r["config"]["seed"]) for r in trial_runs} \
         == {(4, 1, 0)}
     assert trial_runs[0]["config"]["reward_sources"] == advisor.reward_sources(db)
+
+
+def test_sample_base_reports_each_batch_and_a_stop_stores_nothing(project):
+    from studio.core import store
+    from studio.core.generation import Decoding
+
+    db = project.db
+    decoding = Decoding(max_new_tokens=4, temperature=1.0)
+    reports = []
+    assert advisor.sample_base(db, k=2, decoding=decoding, on_progress=lambda *report: reports.append(report)) == 12
+    phase = advisor.SAMPLING_PHASE  # 4 eval prompts, one batch per pass: greedy and two sampled passes
+    assert reports == [(phase, 0, 12), (phase, 4, 12), (phase, 8, 12), (phase, 12, 12)]
+    before = store.samples(db, None)
+
+    reports.clear()
+    stored = advisor.sample_base(db, k=2, decoding=replace(decoding, max_new_tokens=5),
+                                 on_progress=lambda *report: reports.append(report), should_stop=lambda: True)
+    assert stored == 0 and reports == [(phase, 0, 12), (phase, 4, 12)]  # stopped after the first batch
+    assert store.samples(db, None) == before  # nothing of the stopped pass is stored, the earlier samples stay

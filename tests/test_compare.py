@@ -92,7 +92,7 @@ def test_stored_outputs_for_checkpoints_and_base(trained):
 
 def test_model_states_are_labelled_by_run_and_step(trained):
     labels = [s.label for s in compare.model_states(trained.db)]
-    assert labels == ["Base model", "TOY #1 @ step 1", "TOY #1 @ step 2"]
+    assert labels == ["Base model", "TOY #1, checkpoint 1 (step 1)", "TOY #1, checkpoint 2 (step 2)"]
 
 
 # --- generation -------------------------------------------------------------------------------

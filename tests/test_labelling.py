@@ -64,10 +64,10 @@ def test_model_comparisons_are_balanced_blind_and_carry_provenance(project):
     on_a = Counter(c["source_a"]["state"] for c in comparisons)
     assert on_a["base"] == on_a[checkpoint_id] == 2  # 4 prompts: each state twice on each side
     checkpoint_side = next(s for c in comparisons for s in (c["source_a"], c["source_b"]) if s["state"] != "base")
-    assert checkpoint_side["name"] == labelling.describe_state(project.db, checkpoint_id) == "TOY #1 @ step 2"
+    assert checkpoint_side["name"] == labelling.describe_state(project.db, checkpoint_id) == "TOY #1, checkpoint 1 (step 2)"  # its only checkpoint
     assert checkpoint_side["run_id"] == 1 and checkpoint_side["step"] == 2 and checkpoint_side["seed"] == 0
     assert checkpoint_side["decoding"]["max_new_tokens"] == 3
-    assert {c["source"] for c in comparisons} == {"TOY #1 @ step 2 vs base"}
+    assert {c["source"] for c in comparisons} == {"TOY #1, checkpoint 1 (step 2) vs base"}
     assert [c["prompt_id"] for c in comparisons] == [p["id"] for p in prompts]
 
 
@@ -190,13 +190,13 @@ def test_rankings_from_labels(project):
         labelling.record_label(db, cid, "ann", choice)
     labelling.record_label(db, ids[0], "bob", "both_bad")  # says nothing about the order
     rows = {row["name"]: row for row in labelling.rankings(db)}
-    assert set(rows) == {"base", "PPO #1 @ step 50"}  # two samples of base are not a game
-    best = rows["PPO #1 @ step 50"]
+    assert set(rows) == {"base", "PPO #1, checkpoint 1 (step 50)"}  # two samples of base are not a game
+    best = rows["PPO #1, checkpoint 1 (step 50)"]
     assert (best["games"], best["wins"], best["losses"], best["ties"]) == (4, 2, 1, 1)
     assert best["win_rate"] == pytest.approx(2.5 / 4) and rows["base"]["win_rate"] == pytest.approx(1.5 / 4)
     assert best["bt_low"] < best["bt_score"] < best["bt_high"] and best["bt_score"] > rows["base"]["bt_score"]
     assert best["elo"] > 1000 > rows["base"]["elo"]
-    assert labelling.rankings(db)[0]["name"] == "PPO #1 @ step 50"
+    assert labelling.rankings(db)[0]["name"] == "PPO #1, checkpoint 1 (step 50)"
 
 
 # --- labels as data ---------------------------------------------------------------------------
@@ -269,3 +269,15 @@ def test_every_label_reported_survives_kill_9(tmp_path):
     with store.Project.open(folder) as project:
         stored = {row["id"] for row in labelling.label_history(project.db)}
     assert len(reported) >= 8 and set(reported) <= stored
+
+
+def test_checkpoints_are_named_by_their_place_in_their_run(project):
+    db = project.db
+    store.create_run(db, "dpo", {})  # another run's checkpoints do not shift the count
+    other = store.add_checkpoint(db, 1, 5, "/nowhere")
+    run_id = store.create_run(db, "ppo", {}, name="Shaping")
+    ids = [store.add_checkpoint(db, run_id, step, "/nowhere") for step in (20, 0, 10)]  # stored out of order
+    assert [labelling.describe_state(db, i) for i in ids] == [
+        "Shaping, checkpoint 2 (step 20)", "Shaping, start (step 0)", "Shaping, checkpoint 1 (step 10)"]
+    assert labelling.describe_state(db, other) == "DPO #1, checkpoint 1 (step 5)"
+    assert labelling.describe_state(db, labelling.BASE) == "base"

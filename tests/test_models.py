@@ -98,3 +98,12 @@ def test_converted_demo_folder_is_plain_safetensors_without_gguf_quantization():
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
     assert (folder / "model.safetensors").exists() and (folder / "chat_template.jinja").exists()
+
+
+def test_model_parameters_counts_the_projects_base_model(project, tiny_model_dir):
+    from studio.core.models import model_parameters
+
+    model, _ = load_model(ModelSource("folder", str(tiny_model_dir)))
+    # Tied embeddings are stored once: count each tensor once, as the safetensors file holds them.
+    expected = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert model_parameters(project.db) == expected

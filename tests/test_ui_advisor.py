@@ -1,15 +1,41 @@
 """The advisor panel on a synthetic history written into the store: verdict, cards, and buttons."""
 
 import json
+import threading
 import time
 
 import pytest
+from PySide6.QtCore import QSettings
+from PySide6.QtWidgets import QMessageBox
 
 from studio.core import advisor, rewards, store
 from studio.ui.panels.advisor import AdvisorPanel
 from studio.ui.workers import wait_for_background_jobs
 
 TIMEOUT_MS = 20000
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path):
+    """"Don't ask again" answers go to this test's own settings file."""
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+
+
+def confirmation(panel) -> QMessageBox | None:
+    """The open "ask once" box of the panel's last action, if any."""
+    boxes = [box for box in panel.findChildren(QMessageBox) if box.isVisible()]
+    return boxes[-1] if boxes else None
+
+
+def click_and_start(panel, button, dont_ask_again=False) -> QMessageBox:
+    """Click an action's button and answer Start in the settings box it shows."""
+    button.click()
+    box = confirmation(panel)
+    assert box is not None, f"{button.text()} started without showing its settings"
+    box.checkBox().setChecked(dont_ask_again)
+    box.button(QMessageBox.StandardButton.Ok).click()
+    return box
 
 
 def words(prompt_id, version, length=12):
@@ -86,12 +112,12 @@ def test_panel_shows_the_verdict_and_every_signal_of_a_synthetic_history(qtbot, 
     assert panel.verdict.text() == "Switch to DPO now"
     assert "Reward-hacking alarm" in panel.explanation.text()
     assert advice.checkpoint_id == checkpoint_ids[2]  # the last one before answers grew long
-    assert f"checkpoint #{checkpoint_ids[2]}" in panel.refers_to.text()
+    assert panel.refers_to.text() == f"Advice refers to PPO #{run_id}, checkpoint 3 (step 60)"  # the run's 3rd
     assert "medium" in panel.tolerance.text()
     assert panel.cards["length_drift"].value.text() == "+133%"  # 28 words vs 12
     assert panel.cards["reward_hacking"].value.text() == "8%"  # 1 win in 12 labels
     assert panel.cards["reward_hacking"].interval.text().startswith("· 95%: 2% to ")
-    assert panel.dpo_button.text() == f"Start DPO from checkpoint #{checkpoint_ids[2]}"
+    assert panel.dpo_button.text() == f"Start DPO from PPO #{run_id}, checkpoint 3 (step 60)"
     assert all(not card.isHidden() for card in panel.cards.values())
 
 
@@ -116,7 +142,7 @@ def test_start_dpo_button_creates_a_run_from_the_advised_checkpoint(qtbot, panel
     store.add_dataset(project.db, "pairs", "preference", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     open_project(qtbot, panel, project)
     with qtbot.waitSignal(panel.run_created, timeout=TIMEOUT_MS) as blocker:
-        panel.dpo_button.click()
+        click_and_start(panel, panel.dpo_button)
     run = store.get_run(project.db, blocker.args[0])
     assert run["method"] == "dpo" and run["parent_checkpoint_id"] == checkpoint_ids[2]
     assert run["config"]["include_labels"] is True
@@ -131,10 +157,10 @@ def test_label_and_trial_buttons_emit_what_the_actions_return(qtbot, panel, proj
                         lambda db, checkpoint_id: calls.append(("trial", checkpoint_id)) or (21, 22))
     open_project(qtbot, panel, project)
     with qtbot.waitSignal(panel.label_requested, timeout=TIMEOUT_MS) as blocker:
-        panel.label_button.click()
+        click_and_start(panel, panel.label_button)
     assert blocker.args == [[11, 12]]
     with qtbot.waitSignal(panel.trial_created, timeout=TIMEOUT_MS) as blocker:
-        panel.trial_button.click()
+        click_and_start(panel, panel.trial_button)
     assert blocker.args == [21, 22]
     assert calls == [("label", checkpoint_ids[2]), ("trial", checkpoint_ids[2])]
     assert panel.trial_button.isEnabled()  # enabled again once the action is done
@@ -145,11 +171,71 @@ def test_sample_the_base_button_samples_then_judges_the_base(qtbot, panel, proje
     advice = open_project(qtbot, panel, project)
     assert advice.verdict == "need_evidence" and panel.selected_run() is None
     with qtbot.waitSignal(panel.advice_ready, timeout=60000) as blocker:
-        panel.sample_button.click()
+        click_and_start(panel, panel.sample_button)
         assert not panel.sample_button.isEnabled()  # one action at a time
     assert blocker.args[0].verdict in ("ppo_first", "settle_dpo")
     assert len(store.samples(project.db, None)) == 4 * (1 + advisor.BASE_SAMPLES)  # greedy + sampled
     assert not panel.cards["rule_violations"].isHidden() and panel.cards["length_drift"].isHidden()
+
+
+def test_start_dpo_is_disabled_with_the_reason_while_the_verdict_is_ppo_first(qtbot, panel, project):
+    write_history(project.db)
+    open_project(qtbot, panel, project)
+    assert panel.dpo_button.isEnabled()  # "switch now" on the PPO run
+    with qtbot.waitSignal(panel.advice_ready, timeout=TIMEOUT_MS) as blocker:
+        panel.run_selector.setCurrentIndex(panel.run_selector.findData(-1))
+    assert blocker.args[0].verdict == "ppo_first"
+    assert not panel.dpo_button.isEnabled()
+    assert panel.dpo_button.toolTip().startswith("Disabled: the advisor says \u201cPPO first: the base is messy\u201d")
+    assert panel.sample_button.isEnabled() and panel.label_button.isEnabled() and panel.trial_button.isEnabled()
+
+
+def test_start_dpo_shows_its_settings_and_asks_once(qtbot, panel, project):
+    run_id, checkpoint_ids = write_history(project.db)
+    open_project(qtbot, panel, project)
+    panel.dpo_button.click()
+    box = confirmation(panel)
+    shown = box.informativeText()
+    assert f"start and reference: <b>PPO #{run_id}, checkpoint 3 (step 60)</b>" in shown
+    assert "learning_rate: <b>5e-05</b>" in shown  # the small model's DPO default (defaults.py)
+    box.button(QMessageBox.StandardButton.Cancel).click()
+    assert not [r for r in store.list_runs(project.db) if r["method"] == "dpo"]  # cancelled: no run
+    with qtbot.waitSignal(panel.run_created, timeout=TIMEOUT_MS):
+        click_and_start(panel, panel.dpo_button, dont_ask_again=True)
+    qtbot.waitUntil(lambda: panel.dpo_button.isEnabled(), timeout=TIMEOUT_MS)
+    with qtbot.waitSignal(panel.run_created, timeout=TIMEOUT_MS):
+        panel.dpo_button.click()  # asked once: now it starts at once
+        assert confirmation(panel) is None
+    assert len([r for r in store.list_runs(project.db) if r["method"] == "dpo"]) == 2
+
+
+def test_sampling_the_base_shows_progress_and_stops(qtbot, panel, project, monkeypatch):
+    release = threading.Event()
+    calls = []
+
+    def sample_base(project_path, run_id, on_progress, should_stop):
+        on_progress(advisor.SAMPLING_PHASE, 0, 20)
+        time.sleep(0.05)  # a measurable rate
+        on_progress(advisor.SAMPLING_PHASE, 4, 20)
+        release.wait(TIMEOUT_MS / 1000)
+        calls.append(should_stop())
+        return 0 if should_stop() else 20
+
+    monkeypatch.setattr(advisor, "sample_base", sample_base)
+    open_project(qtbot, panel, project)
+    box = click_and_start(panel, panel.sample_button)
+    assert "samples per prompt: <b>4 sampled + 1 greedy</b>" in box.informativeText()
+    assert "temperature: <b>0.7</b>" in box.informativeText()
+    qtbot.waitUntil(lambda: panel.status.text().startswith("Sampling the base 4/20 · "), timeout=TIMEOUT_MS)
+    assert "/s · ETA 0:0" in panel.status.text()  # 16 left at about 80 a second
+    assert not panel.stop_button.isHidden() and not panel.sample_button.isEnabled()
+    panel.stop_button.click()
+    assert panel.status.text() == "Stopping after the batch in progress…"
+    release.set()
+    qtbot.waitUntil(lambda: not panel.busy, timeout=TIMEOUT_MS)
+    assert calls == [True]
+    assert panel.status.text() == "Sampling stopped: nothing stored, the earlier base samples stay."
+    assert panel.stop_button.isHidden() and panel.sample_button.isEnabled()
 
 
 def test_cards_reflow_to_the_width_without_sideways_scrolling(qtbot, panel):
@@ -163,3 +249,14 @@ def test_cards_reflow_to_the_width_without_sideways_scrolling(qtbot, panel):
         grid, keys = panel._grids[-1]  # the side-effects section: five cards
         rows[width] = 1 + max(grid.getItemPosition(grid.indexOf(panel.cards[key]))[0] for key in keys)
     assert rows == {1400: 1, 950: 2}
+
+
+def test_an_action_whose_settings_cannot_be_read_says_why_instead_of_asking(qtbot, panel, project):
+    write_history(project.db)
+    open_project(qtbot, panel, project)
+    store.set_setting(project.db, "base_model", {"kind": "folder", "path": str(project.path / "gone")})
+    panel.dpo_button.click()
+    assert confirmation(panel) is None
+    assert panel.error.text().startswith("The advisor's action cannot start: ")
+    assert "gone" in panel.error.text()  # names the model folder that is missing
+    assert panel.dpo_button.isEnabled()  # nothing started

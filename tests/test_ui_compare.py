@@ -49,7 +49,7 @@ def panel(qtbot, project_path):
 
 
 def choose(pane, step):
-    pane.combo.setCurrentIndex(pane.combo.findText(f"TOY #1 @ step {step}"))
+    pane.combo.setCurrentIndex(pane.combo.findText(f"TOY #1, checkpoint {step} (step {step})"))  # one a step
 
 
 def text_of(pane):
@@ -89,7 +89,7 @@ def test_moving_the_slider_shows_that_checkpoints_output(panel):
     assert text_of(pane) == "Blue, like the sky." and pane.slider.value() == 1
     pane.slider.setValue(0)
     assert text_of(pane) == "Blue."
-    assert pane.combo.currentText() == "TOY #1 @ step 1" and pane.step_label.text() == "step 1 · 1 of 2"
+    assert pane.combo.currentText() == "TOY #1, checkpoint 1 (step 1)" and pane.step_label.text() == "step 1 · 1 of 2"
 
 
 def test_words_that_differ_from_the_first_pane_are_highlighted(panel):
@@ -113,7 +113,7 @@ def test_grid_mode_lays_out_eval_prompts_against_states(panel):
     model = panel.grid_model
     assert panel.view_stack.currentWidget() is panel.grid_box
     assert model.rowCount() == len(PROMPTS) and model.columnCount() == 1 + 3
-    assert [model.headerData(column, Qt.Orientation.Horizontal) for column in range(4)] == ["Prompt", "Base model", "TOY #1 @ step 2", "TOY #1 @ step 1"]
+    assert [model.headerData(column, Qt.Orientation.Horizontal) for column in range(4)] == ["Prompt", "Base model", "TOY #1, checkpoint 2 (step 2)", "TOY #1, checkpoint 1 (step 1)"]
     cell = lambda row, column: model.data(model.index(row, column))
     assert [cell(row, 0) for row in range(3)] == list(PROMPTS)
     assert [cell(row, 2) for row in range(3)] == list(STORED[2])

@@ -94,14 +94,14 @@ def test_sources_are_revealed_after_the_label_and_the_ranking_updates(qtbot, pro
     panel.reveal_ms = 300
     assert panel.views["a"].source.text() == ""  # blind
     press(qtbot, panel, Qt.Key.Key_B)
-    assert panel.views["b"].source.text().endswith("PPO #1 @ step 50")
+    assert panel.views["b"].source.text().endswith("PPO #1, checkpoint 1 (step 50)")
     qtbot.waitUntil(lambda: panel.views["b"].source.text() == "")  # the next pair, blind again
     press(qtbot, panel, Qt.Key.Key_A)
     press(qtbot, panel, Qt.Key.Key_A)  # during the reveal a key only moves on, labelling nothing
     assert len(labelling.label_history(db)) == 2 and panel.current is None
     panel.refresh_results()
     assert panel.results_table.rowCount() == 2
-    assert panel.results_table.item(0, 0).text() == "PPO #1 @ step 50"  # won both
+    assert panel.results_table.item(0, 0).text() == "PPO #1, checkpoint 1 (step 50)"  # won both
     assert panel.results_table.item(0, 2).text() == "100%"
 
 

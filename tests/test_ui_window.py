@@ -358,6 +358,28 @@ def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_pro
     assert setup.current_method() == "dpo" and setup.page("dpo").form.values()["beta"] == 0.1
 
 
+def test_run_setup_applies_the_defaults_for_the_project_models_size(qtbot, window_with_project, monkeypatch):
+    import math
+
+    from studio.core import defaults
+
+    setup = window_with_project.run_setup
+    assert setup.page("dpo").form.values()["learning_rate"] == 5e-5  # the tiny model is small
+    # Reopened with the small class ending below the tiny model's size, it counts as "medium".
+    monkeypatch.setattr(defaults, "SIZE_CLASSES", (("small", 10), ("medium", 4_000_000_000), ("large", math.inf)))
+    setup.set_project(window_with_project.project)
+    form = setup.page("dpo").form
+    assert form.editors["learning_rate"].widget.text() == "2e-05"
+    assert setup.page("ppo").form.values()["learning_rate"] == 1e-4
+    assert runs.make_config("dpo", setup.page("dpo").overrides()).learning_rate == 2e-5  # what a launch gets
+    form.set_values({"learning_rate": 3e-5})
+    setup.set_project(window_with_project.project)  # the same size again: the user's edit stays
+    assert form.values()["learning_rate"] == 3e-5
+    window_with_project.new_run("dpo")
+    setup.reset()
+    assert form.values()["learning_rate"] == 2e-5  # Reset goes back to the size's default
+
+
 def test_edited_reward_sources_become_the_project_setting_and_come_back(qtbot, window_with_project):
     window = window_with_project
     rewards = window.run_setup.page("ppo").rewards

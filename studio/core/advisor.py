@@ -27,10 +27,12 @@ import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import labelling, store
 from .advisor_stats import (Z, Estimate, difference, extra_trials_needed, finite, gao_fit, gao_peak_kl,
                             jackknife, mean_estimate, proportion, ratio, robust_slope, trimmed_mean)
+from .progress import Progress, ignore
 
 TOLERANCES = ("low", "medium", "high")
 SHAPING_METHODS = ("ppo", "grpo", "rloo")  # reward-driven runs the advisor judges (runs.SHAPING_METHODS)
@@ -277,7 +279,7 @@ class RunEvidence:
     reward: Series
     kl: Series
     start_outputs: dict[int, str]  # outputs of the state the run started from (step 0, base or parent)
-    start_label: str  # "the base", "checkpoint #12", ...
+    start_label: str  # "the base", "PPO #1, checkpoint 3 (step 24)", ...
     checkpoints: list[CheckpointEvidence]  # after step 0
     start_checkpoint_id: int | None = None  # the parent checkpoint (None: the base)
     settling_run: tuple[int, int] | None = None  # (DPO run id, checkpoint id) started from this run
@@ -788,7 +790,7 @@ def quality_peak(run: RunEvidence, measured: list[Measures]) -> str:
     nearest = min(measured, key=lambda m: abs((m.kl_level.value if m.kl_level else math.inf) - peak))
     where = "past it" if measured[-1].kl_level and measured[-1].kl_level.value > peak else "not reached yet"
     return (f"labelled quality fitted against sqrt(KL) (Gao et al. 2022: R = d(a - b log d)) peaks near "
-            f"KL {peak:.3g} nats, closest to {checkpoint_name(nearest.checkpoint.checkpoint_id, nearest.checkpoint.step)}; "
+            f"KL {peak:.3g} nats, closest to {in_run(run, nearest.checkpoint)}; "
             f"the run is {where}")
 
 
@@ -932,7 +934,7 @@ def advise_from_run(evidence: Evidence, base: list[Signal], signals: list[Signal
     hacking = by_key["reward_hacking"]
     if hacking.value is not None and hacking.value < hacking.threshold:
         more = extra_trials_needed(hacking.value, hacking.threshold, latest.checkpoint.labels)
-        missing = [f"label {more} more pairs of {checkpoint_name(latest.checkpoint.checkpoint_id, latest.checkpoint.step)} "
+        missing = [f"label {more} more pairs of {here} "
                    f"against {run.start_label} or earlier checkpoints"]
         text = (f"Possible reward hacking at {here}: {hacking.detail}, which does not clear the threshold yet. "
                 f"To decide: {missing[0]}.")
@@ -948,13 +950,9 @@ def advise_from_run(evidence: Evidence, base: list[Signal], signals: list[Signal
 
 
 def in_run(run: RunEvidence, checkpoint: CheckpointEvidence) -> str:
-    return f"{checkpoint_name(checkpoint.checkpoint_id, checkpoint.step)} of {run.name}"
-
-
-def checkpoint_name(checkpoint_id: int | None, step: int | None) -> str:
-    if checkpoint_id is None:
-        return "the base"
-    return f"checkpoint #{checkpoint_id}" + (f" (step {step})" if step is not None else "")
+    """The checkpoint's name as the labelling and compare views give it (the run's n-th checkpoint)."""
+    number = labelling.checkpoint_number([c.step for c in run.checkpoints], checkpoint.step)
+    return labelling.checkpoint_title(run.name, number, checkpoint.step)
 
 
 def quote(signals: list[Signal]) -> str:
@@ -1167,7 +1165,7 @@ def gather_run(db, run_id: int, sources: list[dict] | None = None) -> RunEvidenc
         start_outputs, start_label = base_reference_outputs(db), "the base"
     else:
         start_outputs = greedy_outputs(db, parent)
-        start_label = checkpoint_name(parent, store.get_checkpoint(db, parent)["step"])
+        start_label = labelling.describe_state(db, parent)
     games = labelling.games(db)
     start_states = {labelling.BASE if parent is None else parent, *([zero["id"]] if zero else [])}
     earlier = {labelling.BASE, *start_states, *(c["id"] for c in checkpoint_chain(db, parent))}
@@ -1209,7 +1207,9 @@ def settling_run(db, checkpoint_ids: list[int]) -> tuple[int, int] | None:
 # at 1.0 every model looks varied, and PPO never samples that hot. sample_base uses the judged run's.
 SAMPLING = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 1.0}
 BASE_SAMPLES = 4  # samples per eval prompt: enough for a spread, cheap enough to wait for
+SAMPLING_PHASE = "Sampling the base"  # the progress phase of sample_base
 TRIAL_STEPS = 20
+LABEL_PROMPTS = 16  # prompts sampled for a label batch from a checkpoint
 
 
 def violation_threshold(source) -> float:
@@ -1245,29 +1245,38 @@ def sampling_decoding(**changes):
     return Decoding(**{**SAMPLING, **changes})
 
 
-def sample_base(target, k: int = BASE_SAMPLES, decoding=None, device: str = "cpu", run_id: int | None = None) -> int:
+def base_sampling(db, run_id: int | None = None) -> dict:
+    """The decoding settings the base is sampled with: SAMPLING at the judged run's rollout temperature and top-p."""
+    config = store.get_run(db, run_id)["config"] if run_id is not None else {}
+    return {**SAMPLING, **{k: config[k] for k in ("temperature", "top_p") if k in config}}
+
+
+def sample_base(target, k: int = BASE_SAMPLES, decoding=None, device: str = "cpu", run_id: int | None = None,
+                on_progress: Progress = ignore, should_stop: Callable[[], bool] = lambda: False) -> int:
     """Sample every eval prompt k times from the base (seeds 0..k-1) plus once greedily; store them
     with their scores from the judged run's reward sources (what the base's messiness is judged on),
     at that run's rollout temperature and top-p.
 
     `target` is a project path or a database. The samples replace earlier ones with the same decoding
-    settings. Returns how many samples were stored. Runs the model: call it from a worker.
+    settings. Returns how many samples were stored: 0 when `should_stop()` turned true (checked after
+    each batch of prompts; nothing is stored then, the earlier samples stay). `on_progress` counts the
+    samples generated. Runs the model: call it from a worker.
     """
     from dataclasses import replace
 
+    from .compare import GenerationCancelled
     from .generation import Decoding, generate
     from .runs import load_model_state
 
     if isinstance(target, (str, Path)):  # a path: a connection of this thread, closed after
         db = store.connect(target)
         try:
-            return sample_base(db, k, decoding, device, run_id)
+            return sample_base(db, k, decoding, device, run_id, on_progress, should_stop)
         finally:
             db.close()
     db = target
     if decoding is None:
-        config = store.get_run(db, run_id)["config"] if run_id is not None else {}
-        decoding = sampling_decoding(**{k: config[k] for k in ("temperature", "top_p") if k in config})
+        decoding = sampling_decoding(**base_sampling(db, run_id))
     sources = judged_sources(db, run_id)
     if decoding.temperature <= 0:
         raise ValueError("Sampling the base needs a temperature above 0")
@@ -1279,8 +1288,19 @@ def sample_base(target, k: int = BASE_SAMPLES, decoding=None, device: str = "cpu
     decodings = [(0, Decoding(max_new_tokens=decoding.max_new_tokens))]
     decodings += [(index, replace(decoding, seed=index)) for index in range(k)]
     rows = []
+    total = len(decodings) * len(prompts)
+    on_progress(SAMPLING_PHASE, 0, total)
+
+    def batch_done(first: int, generations: list) -> None:
+        on_progress(SAMPLING_PHASE, len(rows) + first + len(generations), total)
+        if should_stop():
+            raise GenerationCancelled()  # generate() has no other way out between batches
+
     for sample_index, each in decodings:
-        generations = generate(model, tokenizer, [p["prompt"] for p in prompts], each)
+        try:
+            generations = generate(model, tokenizer, [p["prompt"] for p in prompts], each, on_batch=batch_done)
+        except GenerationCancelled:
+            return 0
         scores = score_samples(db, [p["prompt"] for p in prompts], [g.text for g in generations],
                                tokenizer, device, sources)
         rows += [{"checkpoint_id": None, "prompt_id": p["id"], "sample_index": sample_index,
@@ -1296,7 +1316,7 @@ def sample_base(target, k: int = BASE_SAMPLES, decoding=None, device: str = "cpu
 
 
 def label_pairs_from_checkpoint(db, checkpoint_id: int | None, against_base: bool = False,
-                                limit: int = 16, decoding=None, device: str = "cpu") -> list[int]:
+                                limit: int = LABEL_PROMPTS, decoding=None, device: str = "cpu") -> list[int]:
     """Comparisons for the labelling view: two samples of the checkpoint per prompt (or the
     checkpoint against the base), on the training prompts (the eval prompts when there are none).
 
@@ -1310,17 +1330,26 @@ def label_pairs_from_checkpoint(db, checkpoint_id: int | None, against_base: boo
     return list(labelling.compare_samples(db, state, prompts, decoding, device=device))
 
 
-def start_dpo_from_checkpoint(db, checkpoint_id: int | None, overrides: dict | None = None,
-                              name: str | None = None) -> int:
-    """Queue a DPO run whose starting policy and reference are `checkpoint_id` (None: the base).
+def dpo_config(db, checkpoint_id: int | None, overrides: dict | None = None):
+    """The config of a DPO run whose starting policy and reference are `checkpoint_id` (None: the base),
+    with the defaults for the project model's size.
 
     It trains on the project's labelled pairs and every imported preference dataset, unless
-    `overrides` says otherwise. Returns the run id (queued: the caller starts it).
+    `overrides` says otherwise.
     """
     from . import runs
+    from .models import model_parameters
 
     settings = {"include_labels": True, **(overrides or {}), "parent_checkpoint_id": checkpoint_id}
-    config = runs.make_config("dpo", settings)
+    return runs.make_config("dpo", settings, model_parameters(db))
+
+
+def start_dpo_from_checkpoint(db, checkpoint_id: int | None, overrides: dict | None = None,
+                              name: str | None = None) -> int:
+    """Queue the DPO run of :func:`dpo_config`. Returns the run id (queued: the caller starts it)."""
+    from . import runs
+
+    config = dpo_config(db, checkpoint_id, overrides)
     return runs.create_run(db, config, name=name or f"DPO from {state_name(db, checkpoint_id)}")
 
 
@@ -1334,14 +1363,16 @@ def create_quick_trial(db, start_checkpoint_id: int | None = None, steps: int = 
     DPO run id), both queued.
     """
     from . import runs
+    from .models import model_parameters
 
     shared = {"max_steps": steps, "checkpoint_every": max(1, steps // 4), "seed": 0,
               "parent_checkpoint_id": start_checkpoint_id}
     where = state_name(db, start_checkpoint_id)
     judged_run = store.get_checkpoint(db, start_checkpoint_id)["run_id"] if start_checkpoint_id is not None else None
     sources = judged_sources(db, judged_run)
-    ppo_config = runs.make_config("ppo", {**shared, "reward_sources": sources, **(ppo_overrides or {})})
-    dpo_config = runs.make_config("dpo", {"include_labels": True, **shared, **(dpo_overrides or {})})
+    parameters = model_parameters(db)
+    ppo_config = runs.make_config("ppo", {**shared, "reward_sources": sources, **(ppo_overrides or {})}, parameters)
+    dpo_config = runs.make_config("dpo", {"include_labels": True, **shared, **(dpo_overrides or {})}, parameters)
     with db.atomic():  # both or neither: a trial with one side is no comparison
         ppo_id = runs.create_run(db, ppo_config, name=f"Trial PPO from {where}")
         dpo_id = runs.create_run(db, dpo_config, name=f"Trial DPO from {where}")

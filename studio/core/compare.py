@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Callable
 
-from . import store
+from . import labelling, store
 
 BASE = None
 DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed")
@@ -32,7 +32,7 @@ DEFAULT_DECODING = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "see
 @dataclass(frozen=True)
 class StateInfo:
     state: int | None  # None: the base model
-    label: str  # "Base model" or "PPO #2 @ step 50"
+    label: str  # "Base model" or "PPO #2, checkpoint 5 (step 50)"
     run_id: int | None = None
     method: str | None = None
     step: int | None = None
@@ -44,7 +44,7 @@ def model_states(db) -> list[StateInfo]:
     states = [StateInfo(BASE, "Base model")]
     for checkpoint in store.checkpoints(db):
         run = runs[checkpoint["run_id"]]
-        states.append(StateInfo(checkpoint["id"], f"{run['name']} @ step {checkpoint['step']}",
+        states.append(StateInfo(checkpoint["id"], labelling.describe_state(db, checkpoint["id"]),
                                 run["id"], run["method"], checkpoint["step"]))
     return states
 

@@ -41,12 +41,26 @@ def checkpoint_of(state: str | int) -> int | None:
     return None if state == BASE else int(state)
 
 
+def checkpoint_title(run_name: str, number: int, step: int) -> str:
+    """"PPO #1, checkpoint 3 (step 24)": the run's `number`-th checkpoint after its start (0: the start),
+    not the database-wide id, which means nothing to a user."""
+    where = "start" if number == 0 else f"checkpoint {number}"
+    return f"{run_name}, {where} (step {step})"
+
+
+def checkpoint_number(run_steps: list[int], step: int) -> int:
+    """Which of its run's checkpoints the one at `step` is: 1 for the first after the start (step 0 is 0)."""
+    return sum(1 for s in run_steps if 0 < s <= step)
+
+
 def describe_state(db: Database, state: str | int) -> str:
-    """A readable name: "base" or "PPO #3 @ step 50"."""
+    """A readable name: "base" or "PPO #3, checkpoint 2 (step 50)"."""
     if state == BASE:
         return BASE
     checkpoint = store.get_checkpoint(db, int(state))
-    return f"{store.get_run(db, checkpoint['run_id'])['name']} @ step {checkpoint['step']}"
+    run = store.get_run(db, checkpoint["run_id"])
+    number = checkpoint_number([c["step"] for c in store.checkpoints(db, run["id"])], checkpoint["step"])
+    return checkpoint_title(run["name"] or f"run #{run['id']}", number, checkpoint["step"])
 
 
 def model_states(db: Database) -> list[dict]:

@@ -263,6 +263,14 @@ def inspect_model(source: ModelSource) -> ModelInfo:
                      eos_token=str(tokenizer_config.get("eos_token", "")))
 
 
+def model_parameters(db) -> int:
+    """The project's base model size, which picks its defaults (runs.make_config, defaults.py). No torch
+    import: the window reads it when a project opens."""
+    from . import store
+
+    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model"))).parameters
+
+
 def pick_device(requested: str = "auto") -> tuple[str, str]:
     """(device, dtype) for training: CUDA with bf16 when present, else MPS or CPU in fp32."""
     import torch

@@ -10,11 +10,12 @@ through signals.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSizePolicy,
@@ -22,8 +23,10 @@ from PySide6.QtWidgets import (
 )
 
 from studio.core import advisor, store
+from studio.core.errors import StudioError
+from studio.core.progress import ProgressMeter
 
-from . import MUTED, bold, hint_label, icon
+from . import MUTED, ask_once, bold, hint_label, icon
 from ..workers import describe_error, run_in_background
 
 VERDICT_COLOURS = {
@@ -46,6 +49,9 @@ SECTIONS = (
     ("RL health", advisor.HEALTH_SIGNALS),
     ("Side effects", advisor.SIDE_EFFECT_SIGNALS),
 )
+# The verdicts under which starting DPO works against the advice: PPO has shaping left to do.
+DPO_ADVISED_AGAINST = ("ppo_first", "keep_ppo")
+DPO_SHOWN = ("max_steps", "learning_rate", "beta", "batch_size")  # the settings its confirmation names
 
 
 def gather_advice(project_path: str, run_id: int | None, refresh_id: int) -> tuple:
@@ -67,6 +73,20 @@ def context_text(advice: advisor.Advice) -> str:
     if advice.quality_peak:
         lines.append(advice.quality_peak[0].upper() + advice.quality_peak[1:])
     return "<br>".join(lines)
+
+
+def dpo_blocked_reason(advice: advisor.Advice | None) -> str:
+    """Why "Start DPO" is disabled under this advice ('' when it is not)."""
+    if advice is None or advice.verdict not in DPO_ADVISED_AGAINST:
+        return ""
+    return (f"Disabled: the advisor says \u201c{advice.title}\u201d. DPO settles what PPO has shaped; "
+            "start it once the verdict is to switch (or to settle).")
+
+
+class ProgressRelay(QObject):
+    """Carries a worker's (phase, done, total) reports to the panel's thread (Qt queues the signal)."""
+
+    reported = Signal(str, int, int)
 
 
 def with_connection(project_path: str, function, *args, **kwargs):
@@ -251,6 +271,10 @@ class AdvisorPanel(QWidget):
         self.advice: advisor.Advice | None = None
         self._refresh_id = 0  # only the newest refresh's result is shown
         self._on_action_result = None  # what to do with the running action's result (one at a time)
+        self._progress = ProgressMeter()  # count, rate and ETA of the base sampling
+        self._relay = ProgressRelay(self)
+        self._relay.reported.connect(self._show_progress)
+        self._stop = threading.Event()  # set by Stop: the base sampling ends after its batch in progress
         self._build()
         self._update_buttons()
 
@@ -322,7 +346,13 @@ class AdvisorPanel(QWidget):
         row.addWidget(self.refresh_button)
         row.addStretch(1)
         self.status = hint_label()
+        self.status.setWordWrap(False)  # one line: wrapped, the progress read-out was cut off in the toolbar
         row.addWidget(self.status)
+        self.stop_button = QPushButton(icon("fa6s.stop"), "Stop")
+        self.stop_button.setToolTip("Stop sampling after the batch in progress; nothing of this pass is stored.")
+        self.stop_button.clicked.connect(self.stop_sampling)
+        self.stop_button.hide()
+        row.addWidget(self.stop_button)
         return row
 
     def _build_verdict(self) -> QFrame:
@@ -378,6 +408,7 @@ class AdvisorPanel(QWidget):
         self.trial_button.setToolTip(f"Two short runs ({advisor.TRIAL_STEPS} steps) from the advised "
                                      "checkpoint, on the same eval prompts, to compare side by side.")
         self.trial_button.clicked.connect(self.start_trial)
+        self.dpo_tooltip = self.dpo_button.toolTip()  # shown again once the verdict allows DPO
         for index, button in enumerate((self.sample_button, self.label_button, self.dpo_button, self.trial_button)):
             grid.addWidget(button, index // 2, index % 2)
         grid.setColumnStretch(2, 1)
@@ -480,26 +511,91 @@ class AdvisorPanel(QWidget):
 
     # --- actions ---
 
+    # Each action that starts long work shows the settings it will use and asks once ("don't ask again").
+
     def sample_base(self) -> None:
-        self._run_action("Sampling the base…", advisor.sample_base, self.project_path,
-                         run_id=self.selected_run(), on_result=self._base_sampled)
+        run_id = self.selected_run()
+        decoding = self._read_settings(advisor.base_sampling, run_id)
+        if decoding is None:
+            return
+        ask_once(self, "advisor_sample_base", "Sample the base model?",
+                 f"Every eval prompt is answered {advisor.BASE_SAMPLES} times by the base model (seeds "
+                 f"0 to {advisor.BASE_SAMPLES - 1}) and once greedily; base samples stored earlier with "
+                 "the same settings are replaced.",
+                 {"samples per prompt": f"{advisor.BASE_SAMPLES} sampled + 1 greedy", **decoding},
+                 lambda: self._sample_base(run_id))
+
+    def _sample_base(self, run_id: int | None) -> None:
+        self._stop.clear()
+        self._progress.clear()
+        self._run_action("Sampling the base…", advisor.sample_base, self.project_path, run_id=run_id,
+                         on_progress=self._relay.reported.emit, should_stop=self._stop.is_set,
+                         on_result=self._base_sampled, stoppable=True)
+
+    def stop_sampling(self) -> None:
+        self._stop.set()
+        self.stop_button.setEnabled(False)
+        self.status.setText("Stopping after the batch in progress…")
+
+    def _show_progress(self, phase: str, done: int, total: int) -> None:
+        if not self.busy or self._stop.is_set():  # a late report, or Stop's message stays
+            return
+        self._progress.update(phase, done, total)
+        self.status.setText(self._progress.text())
 
     def label_pairs(self) -> None:
-        self._run_action("Sampling pairs to label…", with_connection, self.project_path,
-                         advisor.label_pairs_from_checkpoint, self.advice.checkpoint_id,
-                         on_result=self.label_requested.emit)
+        checkpoint_id, where = self.advice.checkpoint_id, self.advised_state()
+        ask_once(self, "advisor_label_pairs", f"Sample pairs to label from {where}?",
+                 "Two samples per prompt for the labelling view, on the training prompts (the eval "
+                 "prompts when there are none).",
+                 {"from": where, "prompts": f"up to {advisor.LABEL_PROMPTS}", **advisor.SAMPLING},
+                 lambda: self._run_action("Sampling pairs to label…", with_connection, self.project_path,
+                                          advisor.label_pairs_from_checkpoint, checkpoint_id,
+                                          on_result=self.label_requested.emit))
 
     def start_dpo(self) -> None:
-        self._run_action("Creating the DPO run…", with_connection, self.project_path,
-                         advisor.start_dpo_from_checkpoint, self.advice.checkpoint_id,
-                         on_result=self._run_created)
+        checkpoint_id, where = self.advice.checkpoint_id, self.advised_state()
+        config = self._read_settings(advisor.dpo_config, checkpoint_id)
+        if config is None:
+            return
+        config = config.to_json()
+        ask_once(self, "advisor_start_dpo", f"Start DPO from {where}?",
+                 f"A DPO run whose starting policy and reference are {where}, trained on the labelled "
+                 "and imported preference pairs:",
+                 {"start and reference": where, **{key: config[key] for key in DPO_SHOWN}},
+                 lambda: self._run_action("Creating the DPO run…", with_connection, self.project_path,
+                                          advisor.start_dpo_from_checkpoint, checkpoint_id,
+                                          on_result=self._run_created))
 
     def start_trial(self) -> None:
-        self._run_action("Creating the trial runs…", with_connection, self.project_path,
-                         advisor.create_quick_trial, self.advice.checkpoint_id,
-                         on_result=self._trial_created)
+        checkpoint_id, where = self.advice.checkpoint_id, self.advised_state()
+        ask_once(self, "advisor_quick_trial", "Run a quick PPO vs DPO trial?",
+                 f"Two short runs from {where}, same seed and length, to compare side by side on the "
+                 "eval prompts.",
+                 {"start": where, "runs": "PPO and DPO", "steps each": advisor.TRIAL_STEPS},
+                 lambda: self._run_action("Creating the trial runs…", with_connection, self.project_path,
+                                          advisor.create_quick_trial, checkpoint_id,
+                                          on_result=self._trial_created))
 
-    def _base_sampled(self, _count: int) -> None:
+    def _read_settings(self, function, *args):
+        """The settings an action will use, read before asking; None (the reason shown) when they cannot be."""
+        try:
+            return with_connection(self.project_path, function, *args)
+        except (StudioError, OSError, ValueError) as exc:  # a bad setting or an unreadable model
+            self.show_error(f"The advisor's action cannot start: {describe_error(exc)}")
+            return None
+
+    def advised_state(self) -> str:
+        """The advised checkpoint by the name the labelling and compare views give it."""
+        if self.advice is None or self.advice.checkpoint_id is None:
+            return "the base"
+        return self.advice.checkpoint_label
+
+    def _base_sampled(self, count: int) -> None:
+        self._progress.clear()
+        if count == 0 and self._stop.is_set():  # nothing changed: no refresh to wipe the message
+            self.status.setText("Sampling stopped: nothing stored, the earlier base samples stay.")
+            return
         self.refresh()
 
     def _run_created(self, run_id: int) -> None:
@@ -514,34 +610,38 @@ class AdvisorPanel(QWidget):
     def busy(self) -> bool:
         return self._on_action_result is not None
 
-    def _run_action(self, message: str, function, *args, on_result, **kwargs) -> None:
+    def _run_action(self, message: str, function, *args, on_result, stoppable: bool = False, **kwargs) -> None:
         self._on_action_result = on_result
         self._update_buttons()
+        self.stop_button.setEnabled(True)
+        self.stop_button.setVisible(stoppable)
         self.status.setText(message)
         run_in_background(function, *args, **kwargs, on_result=self._action_done, on_error=self._action_failed)
 
     def _action_done(self, result) -> None:
         on_result, self._on_action_result = self._on_action_result, None
         self.status.setText("")
+        self.stop_button.hide()
         self._update_buttons()
         on_result(result)
 
     def _action_failed(self, exc: BaseException) -> None:
         self._on_action_result = None
         self.status.setText("")
+        self.stop_button.hide()
         self._update_buttons()
         self.show_error(f"The advisor's action failed: {describe_error(exc)}")
 
     def _update_buttons(self) -> None:
         has_project = self.project_path is not None and not self.busy
         has_advice = has_project and self.advice is not None
-        where = "this checkpoint"
-        if self.advice is not None:
-            checkpoint_id = self.advice.checkpoint_id
-            where = "the base" if checkpoint_id is None else f"checkpoint #{checkpoint_id}"
+        where = self.advised_state() if self.advice is not None else "this checkpoint"
         self.label_button.setText(f"Label pairs from {where}")
         self.dpo_button.setText(f"Start DPO from {where}")
-        self.sample_button.setEnabled(has_project)
+        self.sample_button.setEnabled(has_project)  # sampling the base is never advised against
         self.refresh_button.setEnabled(self.project_path is not None)
-        for button in (self.label_button, self.dpo_button, self.trial_button):
+        for button in (self.label_button, self.trial_button):
             button.setEnabled(has_advice)
+        blocked = dpo_blocked_reason(self.advice)
+        self.dpo_button.setEnabled(has_advice and not blocked)
+        self.dpo_button.setToolTip(blocked or self.dpo_tooltip)

@@ -363,6 +363,15 @@ class ConfigForm(QWidget):
         for editor in self.editors.values():
             editor.set_value(editor.default)
 
+    def set_defaults(self, values: dict) -> None:
+        """New defaults (the project model's size picks them): a field still at its old default follows."""
+        for name, value in values.items():
+            editor = self.editors.get(name)
+            if editor is not None:
+                if editor.value() == editor.default:
+                    editor.set_value(value)
+                editor.default = value
+
     def mark_invalid(self, problems: dict[str, str]) -> None:
         """Turn the fields settings.validate_settings refused red, with its message as their tooltip."""
         for name, editor in self.editors.items():
@@ -605,6 +614,19 @@ class RewardSourcesTable(QWidget):
 
 # --- the panel --------------------------------------------------------------------------------
 
+def model_size(project) -> int | None:
+    """The project base model's parameter count; None when it cannot be read (the small defaults apply)."""
+    if project is None:
+        return None
+    from studio.core.errors import StudioError
+    from studio.core.models import model_parameters
+
+    try:
+        return model_parameters(project.db)
+    except (StudioError, OSError, ValueError, KeyError, TypeError):
+        return None  # a missing or unreadable model is reported where it is used, not here
+
+
 class MethodPage(QWidget):
     """One method's tab: its form (and, for PPO, the reward sources)."""
 
@@ -654,6 +676,7 @@ class RunSetupPanel(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.project = None
+        self.parameters: int | None = None  # the project model's size; None (unknown): the small defaults
         self.pages: dict[str, MethodPage] = {}
         self.unavailable: dict[str, str] = {}
         self.ready = False
@@ -751,6 +774,7 @@ class RunSetupPanel(QWidget):
                     page.rewards.edited.connect(lambda rewards=page.rewards: self._keep_reward_sources(rewards))
             self.tabs.addTab(page, title)
         self.ready = True
+        self._apply_size_defaults()
         self._show_project_reward_sources()
         self._update_enabled()
         self.refresh_hint()
@@ -762,10 +786,19 @@ class RunSetupPanel(QWidget):
     # --- project ---
     def set_project(self, project) -> None:
         self.project = project
+        self.parameters = model_size(project)
         self.clear_error()
         self.refresh()
+        self._apply_size_defaults()
         self._show_project_reward_sources()
         self._update_enabled()
+
+    def _apply_size_defaults(self) -> None:
+        """Each form's defaults for the project model's size (defaults.py), as the CLI applies them."""
+        from studio.core import defaults
+
+        for method, page in self.pages.items():
+            page.form.set_defaults(defaults.defaults_for(method, self.parameters))
 
     def _show_project_reward_sources(self) -> None:
         """The project's `reward_sources` setting, if it has one, in the reward sources editor."""
@@ -789,16 +822,15 @@ class RunSetupPanel(QWidget):
         self.start_from.clear()
         self.start_from.addItem(icon("fa6s.cube"), "Base model", None)
         if self.project is not None:
-            from studio.core import store
+            from studio.core import labelling, store
 
             db = self.project.db
-            names = {run["id"]: run["name"] for run in store.list_runs(db)}
             best = {int(k): v.get("checkpoint_id") for k, v in (store.get_setting(db, "best_checkpoints", {}) or {}).items()}
             for checkpoint in reversed(store.checkpoints(db)):
                 run_id = checkpoint["run_id"]
                 star = best.get(run_id) == checkpoint["id"]
                 self.start_from.addItem(icon("fa6s.star" if star else "fa6s.box-archive", "#d4a106" if star else None),
-                                        f"{names.get(run_id, run_id)} · step {checkpoint['step']}"
+                                        labelling.describe_state(db, checkpoint["id"])  # as the advisor names it
                                         + ("  (best)" if star else ""), checkpoint["id"])
         index = self.start_from.findData(current)
         self.start_from.setCurrentIndex(max(0, index))
@@ -898,7 +930,7 @@ class RunSetupPanel(QWidget):
         from studio.core import runs
 
         values = self.pages[method].overrides()
-        defaults = runs.make_config(method).to_json()
+        defaults = runs.make_config(method, parameters=self.parameters).to_json()
         shown = {"start from": self.start_from.currentText()}
         shown.update({name: values[name] for name in values
                       if name in SUMMARY_SETTINGS or values[name] != defaults.get(name)})
