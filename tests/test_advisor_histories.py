@@ -17,6 +17,11 @@ HISTORIES = Path(__file__).parent / "data" / "advisor"
 
 # Per history: the verdict a person would give at each checkpoint after step 0 (docs/advisor.md).
 EXPECTED = {
+    # The walkthrough's PPO run (`studio demo --story`, demo reward, 24 steps), as it stood before its
+    # DPO run. Step 12: answers 39% shorter and mostly finished (the base's are cut off at the token
+    # limit), still moving: keep shaping, the shortening intended. Step 24: KL has grown to 0.42 nats
+    # per token: switch, from step 12, the last state before that damage.
+    "demo_reward.json": ["keep_ppo", "switch_now"],
     # +0.25 per "the": the reward stays near 0.3 (about one "the" per answer) for 28 steps; answers are
     # reworded, a little shorter, not hacked. Too early to judge, then "nothing is being shaped".
     "loves_the.json": ["keep_ppo"] * 4 + ["need_evidence"],
@@ -59,3 +64,11 @@ def test_a_history_exports_and_replays_to_the_same_advice(project):
 def test_a_file_that_is_not_a_history_is_refused_by_name():
     with pytest.raises(ValueError, match="not an advisor history"):
         evidence_from_history({"format": "something else"})
+
+
+def test_the_walkthrough_run_switches_from_its_step_12_checkpoint_not_the_base():
+    evidence = evidence_from_history(json.loads((HISTORIES / "demo_reward.json").read_text(encoding="utf-8")))
+    advice = advisor.advise(evidence)
+    steps = {c.checkpoint_id: c.step for c in evidence.run.checkpoints}
+    assert advice.verdict == "switch_now" and steps[advice.checkpoint_id] == 12
+    assert any("finished sentence" in reason for reason in advice.intended)

@@ -123,6 +123,8 @@ def reward_func(queries, prompts, labels, **kwargs):
 def map_common_studio_only(job: Job) -> None:
     job.skip("eval_max_new_tokens", "the studio's greedy eval samples at checkpoints; the engine has its own eval")
     job.skip("device", "the launcher places the processes on GPUs")
+    job.skip("report_to", "the engine logs to its own trackers (TRL: report_to; OpenRLHF: --use_wandb, "
+                          "--use_tensorboard; verl: trainer.logger); `studio import-run` brings the log back")
 
 
 def trl_dpo(config, data: runs.TrainingData, model: str) -> Job:
