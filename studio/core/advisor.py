@@ -690,14 +690,15 @@ def add_hacking_signal(run: RunEvidence, measured: list[Measures], start_level: 
         checkpoint = m.checkpoint
         rose = (start_level is not None and m.reward_level is not None
                 and difference(m.reward_level, start_level).low > 0)
-        m.estimates["reward_hacking"] = proportion(checkpoint.wins, checkpoint.labels) if rose else None
+        # People preferring earlier states is damage whether or not the noisy reward has clearly risen
+        # yet: the alarm is measured either way, and the note says which.
+        m.estimates["reward_hacking"] = proportion(checkpoint.wins, checkpoint.labels)
         if checkpoint.labels == 0:
             m.notes["reward_hacking"] = "no labels of this checkpoint against earlier states yet"
-        elif not rose:
-            m.notes["reward_hacking"] = "reward has not risen clearly since the start: no alarm to raise"
         else:
             m.notes["reward_hacking"] = (f"labels prefer this checkpoint over earlier states in "
-                                         f"{checkpoint.wins:g} of {checkpoint.labels} comparisons")
+                                         f"{checkpoint.wins:g} of {checkpoint.labels} comparisons"
+                                         + ("" if rose else ", while the reward has not clearly risen since the start"))
 
 
 def run_signals(run: RunEvidence, measured: list[Measures], intent: Intent, tolerance: str) -> list[Signal]:
