@@ -1,0 +1,66 @@
+"""Training a reward model from the project's labels: progress, stopping, the CLI and its messages."""
+
+import threading
+
+from studio import cli
+from studio.core import labelling, rewards, store
+
+
+def label_pairs(project, count: int) -> None:
+    """`count` labelled comparisons whose chosen side is lower case and rejected side upper case."""
+    pairs = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+              "chosen": [{"role": "assistant", "content": f"yes indeed {i}"}],
+              "rejected": [{"role": "assistant", "content": f"NO WAY {i}"}]} for i in range(count)]
+    store.add_dataset(project.db, "labels", "preference", pairs)
+    for comparison_id in labelling.compare_pairs(project.db, store.pairs(project.db), blind_seed=0):
+        comparison = labelling.get_comparison(project.db, comparison_id)
+        labelling.record_label(project.db, comparison_id, "ann", "a" if comparison["source_a"]["side"] == "chosen" else "b")
+
+
+def test_training_reports_each_step_of_the_phase(project):
+    label_pairs(project, 10)  # 8 to train on, 2 held out: 2 batches of 4 per epoch
+    reports = []
+    settings = rewards.RewardModelTraining(name="rm", epochs=2, batch_size=4, device="cpu")
+    report = rewards.train_reward_model(project.path, settings, on_progress=lambda *r: reports.append(r))
+    assert reports == [(rewards.TRAINING_PHASE, done, 4) for done in range(5)]
+    assert report["steps"] == 4
+
+
+def test_a_stopped_training_saves_nothing(project):
+    label_pairs(project, 10)
+    stop = threading.Event()
+    settings = rewards.RewardModelTraining(name="rm", epochs=2, batch_size=4, device="cpu")
+
+    def stop_after_first_step(phase, done, total):
+        if done == 1:
+            stop.set()
+
+    assert rewards.train_reward_model(project.path, settings, on_progress=stop_after_first_step, stop=stop) is None
+    assert rewards.trained_reward_models(project.path) == []
+    assert not (project.path / rewards.REWARD_MODELS_FOLDER / "rm").exists()
+
+
+def test_cli_trains_a_reward_model_that_loads_as_a_source_and_scores(project, capsys):
+    label_pairs(project, 6)
+    assert cli.main(["train-reward", str(project.path), "--name", "mine", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step    1  epoch 1  loss=" in out
+    assert "Reward model 'mine' saved" in out and "5 training pairs" in out
+
+    source = {"type": "trained_reward_model", "model": "mine"}
+    assert rewards.check_sources([source], project.path) == []
+    total, breakdown = rewards.RewardFunction([source], project_path=project.path)(
+        ["Question?", "Question?"], ["yes indeed", "NO WAY"])
+    assert total.shape == (2,) and breakdown["trained_reward_model"].isfinite().all()
+
+
+def test_cli_without_labels_says_how_many_are_needed(project, capsys):
+    assert cli.main(["train-reward", str(project.path), "--name", "mine"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 2 preference pairs; this project has 0. Label 2 more comparisons" in err
+
+
+def test_cli_refuses_a_folder_that_is_no_project(tmp_path, capsys):
+    assert cli.main(["train-reward", str(tmp_path), "--name", "mine"]) == 2
+    assert "is not a studio project" in capsys.readouterr().err
+    assert not (tmp_path / store.DB_NAME).exists()
