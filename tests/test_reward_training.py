@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 from studio import cli
 from studio.core import labelling, rewards, store
 
@@ -64,3 +66,62 @@ def test_cli_refuses_a_folder_that_is_no_project(tmp_path, capsys):
     assert cli.main(["train-reward", str(tmp_path), "--name", "mine"]) == 2
     assert "is not a studio project" in capsys.readouterr().err
     assert not (tmp_path / store.DB_NAME).exists()
+
+
+# --- the window's Run menu action -----------------------------------------------------------------
+
+@pytest.fixture
+def open_window(qtbot, tmp_path):
+    from PySide6.QtCore import QSettings
+
+    from studio.ui.app import MainWindow
+    from studio.ui.workers import wait_for_background_jobs
+
+    windows = []
+
+    def open_project(project):
+        project.close()  # the window takes the project's lock
+        window = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.Format.IniFormat))
+        window.show()
+        assert window.open_project(project.path)
+        windows.append(window)
+        return window
+
+    yield open_project
+    wait_for_background_jobs()
+    for window in windows:
+        window.close()
+        window.deleteLater()
+
+
+def shown_boxes(window):
+    from PySide6.QtWidgets import QMessageBox
+
+    return [box for box in window.findChildren(QMessageBox) if box.isVisible()]
+
+
+def test_window_trains_from_the_run_menu_with_progress_in_the_status_bar(qtbot, project, open_window):
+    label_pairs(project, 6)
+    window = open_window(project)
+    actions = window.reward_training
+    assert actions.train_action in window.menuBar().actions()[1].menu().actions()  # the Run menu
+    messages = []
+    window.statusBar().messageChanged.connect(messages.append)
+
+    with qtbot.waitSignal(actions.finished, timeout=120_000):
+        actions.train("from-window", epochs=1)
+        assert not actions.train_action.isEnabled() and actions.stop_action.isEnabled()
+
+    assert any(m.startswith(f"{rewards.TRAINING_PHASE} 1/1") for m in messages), messages
+    assert rewards.trained_reward_models(window.project.path) == ["from-window"]
+    assert [box.windowTitle() for box in shown_boxes(window)] == ["Reward model trained"]
+    assert actions.train_action.isEnabled() and not actions.stop_action.isEnabled()
+
+
+def test_window_without_labels_shows_how_many_are_needed(qtbot, project, open_window):
+    window = open_window(project)
+    with qtbot.waitSignal(window.reward_training.finished, timeout=60_000):
+        window.reward_training.train("none")
+    (box,) = shown_boxes(window)
+    assert box.windowTitle() == "Reward model training failed"
+    assert "this project has 0. Label 2 more comparisons" in box.text()
