@@ -1,0 +1,59 @@
+"""The run setup's reward preview: the sources as edited, scored on the base model's stored greedy
+answers, per source and weighted total, refreshed after an edit."""
+
+import pytest
+
+from studio.core import store
+from studio.ui.panels.run_setup import RunSetupPanel
+from studio.ui.workers import load_engines, wait_for_background_jobs
+
+ANSWERS = ["Paris is the capital.", "Certainly! It is blue", "Two plus two is four."]
+
+
+@pytest.fixture
+def setup(qtbot, project):
+    prompts = store.eval_prompts(project.db)
+    store.add_samples(project.db, [
+        {"checkpoint_id": None, "prompt_id": p["id"], "sample_index": 0, "seed": 0,
+         "decoding": {"temperature": 0.0}, "text": text} for p, text in zip(prompts, ANSWERS)]
+        + [{"checkpoint_id": None, "prompt_id": prompts[0]["id"], "sample_index": 1, "seed": 1,
+            "decoding": {"temperature": 1.0}, "text": "a sampled answer, not the greedy one"}])
+    store.set_setting(project.db, "reward_sources", [
+        {"type": "terminal_punctuation", "weight": 2.0},
+        {"type": "forbidden_words", "weight": 1.0, "words": ["Certainly!"]}])
+    engines = load_engines(("ppo",))
+    panel = RunSetupPanel()
+    qtbot.addWidget(panel)
+    panel.set_engines(engines["engines"], engines["train_fields"], engines["rewards"])
+    panel.set_project(project)
+    yield panel.pages["ppo"]
+    wait_for_background_jobs()
+
+
+def shown(preview) -> list[list[str]]:
+    table = preview.table
+    return [[table.item(row, column).text() for column in range(table.columnCount())]
+            for row in range(table.rowCount())]
+
+
+def test_preview_scores_the_greedy_base_answers_per_source_and_in_total(qtbot, setup):
+    preview = setup.reward_preview
+    qtbot.waitUntil(lambda: preview.table.rowCount() == 3, timeout=30_000)
+    headers = [preview.table.horizontalHeaderItem(c).text() for c in range(preview.table.columnCount())]
+    assert headers == ["Base answer", "terminal_punctuation ×2", "forbidden_words ×1", "Total"]
+    assert shown(preview) == [["Paris is the capital.", "1", "0", "2"],
+                              ["Certainly! It is blue", "0", "-1", "-1"],
+                              ["Two plus two is four.", "1", "0", "2"]]
+
+
+def test_preview_follows_an_edited_parameter_and_shows_a_bad_source(qtbot, setup):
+    preview, rewards_table = setup.reward_preview, setup.rewards
+    qtbot.waitUntil(lambda: preview.table.rowCount() == 3, timeout=30_000)
+    rewards_table.table.setCurrentCell(1, 2)  # forbidden_words: forbid "blue" too
+    rewards_table.param_editors["words"].set_value(["Certainly!", "blue"])
+    qtbot.waitUntil(lambda: [row[2:] for row in shown(preview)] == [["0", "2"], ["-2", "-2"], ["0", "2"]],
+                    timeout=30_000)
+
+    rewards_table.param_editors["words"].set_value([" "])
+    qtbot.waitUntil(lambda: preview.table.rowCount() == 0, timeout=30_000)
+    assert "forbidden_words" in preview.caption.text()
