@@ -40,10 +40,10 @@ def test_preview_scores_the_greedy_base_answers_per_source_and_in_total(qtbot, s
     preview = setup.reward_preview
     qtbot.waitUntil(lambda: preview.table.rowCount() == 3, timeout=30_000)
     headers = [preview.table.horizontalHeaderItem(c).text() for c in range(preview.table.columnCount())]
-    assert headers == ["Base answer", "terminal_punctuation ×2", "forbidden_words ×1", "Total"]
-    assert shown(preview) == [["Paris is the capital.", "1", "0", "2"],
-                              ["Certainly! It is blue", "0", "-1", "-1"],
-                              ["Two plus two is four.", "1", "0", "2"]]
+    assert headers == ["Base answer", "Total", "terminal_punctuation ×2", "forbidden_words ×1"]
+    assert shown(preview) == [["Paris is the capital.", "2", "1", "0"],
+                              ["Certainly! It is blue", "-1", "0", "-1"],
+                              ["Two plus two is four.", "2", "1", "0"]]
 
 
 def test_preview_follows_an_edited_parameter_and_shows_a_bad_source(qtbot, setup):
@@ -51,7 +51,7 @@ def test_preview_follows_an_edited_parameter_and_shows_a_bad_source(qtbot, setup
     qtbot.waitUntil(lambda: preview.table.rowCount() == 3, timeout=30_000)
     rewards_table.table.setCurrentCell(1, 2)  # forbidden_words: forbid "blue" too
     rewards_table.param_editors["words"].set_value(["Certainly!", "blue"])
-    qtbot.waitUntil(lambda: [row[2:] for row in shown(preview)] == [["0", "2"], ["-2", "-2"], ["0", "2"]],
+    qtbot.waitUntil(lambda: [[row[1], row[3]] for row in shown(preview)] == [["2", "0"], ["-2", "-2"], ["2", "0"]],
                     timeout=30_000)
 
     rewards_table.param_editors["words"].set_value([" "])

@@ -20,6 +20,7 @@ from ..workers import describe_error, run_in_background
 PREVIEW_SAMPLES = 4
 THROTTLE_MS = 500  # scoring starts this long after the last edit
 SHOWN_CHARACTERS = 70
+ANSWER_COLUMN_WIDTH = 170  # pixels
 
 
 def preview_samples(db, count: int = PREVIEW_SAMPLES) -> list[tuple[object, str]]:
@@ -72,7 +73,9 @@ class RewardPreview(QWidget):
         self.table = QTableWidget(0, 0)
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setMaximumSectionSize(ANSWER_COLUMN_WIDTH)  # the whole answer is in its tooltip
         self.table.setMaximumHeight(150)
         layout.addWidget(self.table)
         self._show_caption()
@@ -130,14 +133,14 @@ class RewardPreview(QWidget):
             names, per_source, totals = result
             weights = [float(s.get("weight", 1.0)) for s in self.sources]
             self.table.setColumnCount(len(names) + 2)
-            self.table.setHorizontalHeaderLabels(
-                ["Base answer"] + [f"{name} ×{weight:g}" for name, weight in zip(names, weights)] + ["Total"])
+            self.table.setHorizontalHeaderLabels(  # the total first: the dock is narrow, sources scroll
+                ["Base answer", "Total"] + [f"{name} ×{weight:g}" for name, weight in zip(names, weights)])
             self.table.setRowCount(len(self.samples))
             for row, ((_, text), scores, total) in enumerate(zip(self.samples, per_source, totals)):
                 answer = QTableWidgetItem(" ".join(text.split())[:SHOWN_CHARACTERS])
                 answer.setToolTip(text)
                 self.table.setItem(row, 0, answer)
-                for column, value in enumerate([*scores, total], start=1):
+                for column, value in enumerate([total, *scores], start=1):
                     self.table.setItem(row, column, QTableWidgetItem(f"{value:.3g}"))
             self._show_caption()
         self.scored.emit()
