@@ -3,7 +3,7 @@ answers, per source and weighted total, refreshed after an edit."""
 
 import pytest
 
-from studio.core import store
+from studio.core import labelling, rewards, store
 from studio.ui.panels.run_setup import RunSetupPanel
 from studio.ui.workers import load_engines, wait_for_background_jobs
 
@@ -57,3 +57,19 @@ def test_preview_follows_an_edited_parameter_and_shows_a_bad_source(qtbot, setup
     rewards_table.param_editors["words"].set_value([" "])
     qtbot.waitUntil(lambda: preview.table.rowCount() == 0, timeout=30_000)
     assert "forbidden_words" in preview.caption.text()
+
+
+def test_preview_scores_with_a_trained_reward_model_source(qtbot, setup, project):
+    store.add_dataset(project.db, "pairs", "preference", [
+        {"prompt": f"Q{i}?", "chosen": "yes indeed", "rejected": "NO WAY"} for i in range(4)])
+    for comparison_id in labelling.compare_pairs(project.db, store.pairs(project.db), blind_seed=0):
+        labelling.record_label(project.db, comparison_id, "ann", "a")
+    rewards.train_reward_model(project.path, rewards.RewardModelTraining(name="rm", epochs=1, device="cpu"))
+    preview, rewards_table = setup.reward_preview, setup.rewards
+    qtbot.waitUntil(lambda: preview.table.rowCount() == 3, timeout=30_000)
+    rewards_table.set_value([{"type": "trained_reward_model", "weight": 0.5, "model": "rm"}])
+    setup.preview_rewards()
+    qtbot.waitUntil(lambda: preview.table.columnCount() == 3 and preview.table.rowCount() == 3, timeout=60_000)
+    assert preview.table.horizontalHeaderItem(2).text() == "trained_reward_model ×0.5"
+    for total, score in ((float(row[1]), float(row[2])) for row in shown(preview)):
+        assert total == pytest.approx(0.5 * score, rel=1e-2, abs=1e-3)  # shown to 3 significant digits
