@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_reward.add_argument("dir", type=Path)
     train_reward.add_argument("--name", required=True, help="its name, a folder under the project's reward_models/")
     train_reward.add_argument("--epochs", type=int, default=2)
+    train_reward.add_argument("--include-datasets", action="store_true",
+                              help="also train on the imported preference datasets, not only your labels")
 
     export = commands.add_parser("export", help="export labelled pairs, an adapter, a merged model or a GGUF file")
     export.add_argument("dir", type=Path)
@@ -262,7 +264,7 @@ def cmd_train_reward(args) -> int:
         raise rewards.RewardError(f"--epochs must be at least 1 (got {args.epochs})")
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: (print("\nstopping at the next step..."), stop.set()))
-    settings = rewards.RewardModelTraining(name=args.name, epochs=args.epochs)
+    settings = rewards.RewardModelTraining(name=args.name, epochs=args.epochs, include_datasets=args.include_datasets)
     report = rewards.train_reward_model(
         args.dir, settings, stop=stop,
         on_step=lambda step: print(f"step {step['step']:>4}  epoch {step['epoch'] + 1}  loss={step['loss']:.4g}  "

@@ -60,6 +60,15 @@ def test_cli_without_labels_says_how_many_are_needed(project, capsys):
     assert cli.main(["train-reward", str(project.path), "--name", "mine"]) == 2
     err = capsys.readouterr().err
     assert "needs at least 2 preference pairs; this project has 0. Label 2 more comparisons" in err
+    assert "--include-datasets" in err
+
+
+def test_cli_can_train_on_the_imported_preference_datasets_too(project, capsys):
+    store.add_dataset(project.db, "pairs", "preference", [
+        {"prompt": f"Q{i}?", "chosen": "yes indeed", "rejected": "NO WAY"} for i in range(5)])
+    assert cli.main(["train-reward", str(project.path), "--name", "mine", "--epochs", "1"]) == 2
+    assert cli.main(["train-reward", str(project.path), "--name", "mine", "--epochs", "1", "--include-datasets"]) == 0
+    assert "4 training pairs" in capsys.readouterr().out
 
 
 def test_cli_refuses_a_folder_that_is_no_project(tmp_path, capsys):

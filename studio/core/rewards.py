@@ -618,7 +618,9 @@ def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
     if len(pairs) < MIN_TRAINING_PAIRS:
         raise RewardError(f"Training a reward model needs at least {MIN_TRAINING_PAIRS} preference pairs; "
                           f"this project has {len(pairs)}. Label {MIN_TRAINING_PAIRS - len(pairs)} more "
-                          "comparisons in the Label tab (or include the imported preference datasets).")
+                          "comparisons in the Label tab"
+                          + ("." if settings.include_datasets else ", or also train on the imported preference "
+                             "datasets (studio train-reward --include-datasets)."))
     train, heldout = split_pairs(pairs, settings.heldout_fraction, settings.seed)
     device, _ = pick_device(settings.device)
 
