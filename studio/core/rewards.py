@@ -582,12 +582,19 @@ def preference_accuracy(scorer: ModelScorer, pairs: list[dict]) -> float | None:
 def load_base_classifier(source: ModelSource, device: str):
     """(model, tokenizer): the base model with a fresh one-output classification head."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as transformers_logging
 
     folder = resolve_folder(source)
     tokenizer = load_tokenizer(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=1, dtype=torch.float32, trust_remote_code=False,
-        use_safetensors=not source.allow_pickle or None)
+    transformers_logging.disable_progress_bar()
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # not its report that the head is new: that is the point
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, dtype=torch.float32, trust_remote_code=False,
+            use_safetensors=not source.allow_pickle or None)
+    finally:
+        transformers_logging.set_verbosity(previous)
     prepare_scoring_tokenizer(tokenizer, model.config)
     return model.to(device), tokenizer
 
