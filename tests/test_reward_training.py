@@ -16,7 +16,8 @@ def label_pairs(project, count: int) -> None:
     store.add_dataset(project.db, "labels", "preference", pairs)
     for comparison_id in labelling.compare_pairs(project.db, store.pairs(project.db), blind_seed=0):
         comparison = labelling.get_comparison(project.db, comparison_id)
-        labelling.record_label(project.db, comparison_id, "ann", "a" if comparison["source_a"]["side"] == "chosen" else "b")
+        labelling.record_label(project.db, comparison_id, "ann",
+                               "a" if comparison["source_a"]["side"] == "chosen" else "b")
 
 
 def test_training_reports_each_step_of_the_phase(project):
@@ -134,3 +135,11 @@ def test_window_without_labels_shows_how_many_are_needed(qtbot, project, open_wi
     (box,) = shown_boxes(window)
     assert box.windowTitle() == "Reward model training failed"
     assert "this project has 0. Label 2 more comparisons" in box.text()
+
+
+def test_reward_source_help_names_no_python_function():
+    functions = {name for name, value in vars(rewards).items() if callable(value) and "_" in name}
+    texts = [spec["help"] for spec in rewards.describe_sources().values()]
+    texts += [p["help"] for spec in rewards.describe_sources().values() for p in spec["params"].values()]
+    assert [(text, name) for text in texts for name in functions if name in text] == []
+    assert "Train a Reward Model from My Labels" in rewards.describe_sources()["trained_reward_model"]["help"]

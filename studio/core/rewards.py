@@ -268,7 +268,7 @@ class RewardModelFolder(RewardSource):
 
 @dataclass
 class TrainedRewardModel(RewardSource):
-    """A reward model trained from this project's labelled pairs (Run > Train a Reward Model from My Labels, or studio train-reward)."""
+    """A reward model trained on your labels (Run > Train a Reward Model from My Labels…, or studio train-reward)."""
 
     type: ClassVar[str] = "trained_reward_model"
     model: str = param("", "Its name, a folder under the project's reward_models/")
