@@ -143,3 +143,15 @@ def test_reward_source_help_names_no_python_function():
     texts += [p["help"] for spec in rewards.describe_sources().values() for p in spec["params"].values()]
     assert [(text, name) for text in texts for name in functions if name in text] == []
     assert "Train a Reward Model from My Labels" in rewards.describe_sources()["trained_reward_model"]["help"]
+
+
+def test_window_stop_action_ends_the_training_and_saves_nothing(qtbot, project, open_window):
+    label_pairs(project, 6)
+    window = open_window(project)
+    actions = window.reward_training
+    with qtbot.waitSignal(actions.finished, timeout=120_000):
+        actions.train("stopped")
+        actions.stop_action.trigger()  # set before the first step: the model is still loading
+    assert window.statusBar().currentMessage() == "Reward model training stopped: nothing saved"
+    assert rewards.trained_reward_models(window.project.path) == []
+    assert shown_boxes(window) == []
