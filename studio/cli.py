@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also send metrics to tensorboard,trackio,wandb (or none); "
                             "default: the project's report_to setting")
 
+    train_reward = commands.add_parser(
+        "train-reward", help="train a reward model from the project's labelled pairs (a trained_reward_model source)")
+    train_reward.add_argument("dir", type=Path)
+    train_reward.add_argument("--name", required=True, help="its name, a folder under the project's reward_models/")
+    train_reward.add_argument("--epochs", type=int, default=2)
+    train_reward.add_argument("--include-datasets", action="store_true",
+                              help="also train on the imported preference datasets, not only your labels")
+
     export = commands.add_parser("export", help="export labelled pairs, an adapter, a merged model or a GGUF file")
     export.add_argument("dir", type=Path)
     export.add_argument("out", type=Path)
@@ -248,6 +256,30 @@ def cmd_train(args) -> int:
     return 0 if status in ("completed", "stopped") else 1
 
 
+def cmd_train_reward(args) -> int:
+    import threading
+
+    from studio.core import rewards
+
+    if args.epochs < 1:
+        raise rewards.RewardError(f"--epochs must be at least 1 (got {args.epochs})")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: (print("\nstopping at the next step..."), stop.set()))
+    settings = rewards.RewardModelTraining(name=args.name, epochs=args.epochs, include_datasets=args.include_datasets)
+    report = rewards.train_reward_model(
+        args.dir, settings, stop=stop,
+        on_step=lambda step: print(f"step {step['step']:>4}  epoch {step['epoch'] + 1}  loss={step['loss']:.4g}  "
+                                   f"accuracy={step['accuracy']:.2f}", flush=True))
+    if report is None:
+        print("Stopped: no reward model saved")
+        return 1
+    heldout = report["heldout_accuracy"]
+    print(f"Reward model {report['name']!r} saved to {report['path']}: {report['train_pairs']} training pairs, "
+          f"held-out accuracy {'n/a' if heldout is None else f'{heldout:.2f}'} on {report['heldout_pairs']} pairs. "
+          f'Use it as the reward source {{"type": "trained_reward_model", "model": "{report["name"]}"}}')
+    return 0
+
+
 SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "objective/scores", "objective/kl",
                 "objective/rlhf_reward", "reward", "kl", "completions/mean_length", "tokens_per_second",
                 "step_seconds")
@@ -341,7 +373,7 @@ def cmd_export_job(args) -> int:
 COMMANDS = {"gui": cmd_gui, "init": cmd_init, "demo": cmd_demo, "import": cmd_import, "runs": cmd_runs,
             "train": cmd_train, "export": cmd_export, "check": cmd_check, "backup": cmd_backup,
             "bundle": cmd_bundle, "run-bundle": cmd_run_bundle, "import-run": cmd_import_run,
-            "export-job": cmd_export_job}
+            "export-job": cmd_export_job, "train-reward": cmd_train_reward}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from . import store
 from .errors import StudioError
 from .generation import is_conversational
 from .models import ModelSource, load_tokenizer, resolve_folder
+from .progress import Progress, ignore
 
 REWARD_MODELS_FOLDER = "reward_models"  # inside the project: <project>/reward_models/<name>/
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
@@ -266,7 +268,7 @@ class RewardModelFolder(RewardSource):
 
 @dataclass
 class TrainedRewardModel(RewardSource):
-    """A reward model the studio trained from this project's labelled pairs (see train_reward_model)."""
+    """A reward model trained on your labels (Run > Train a Reward Model from My Labels…, or studio train-reward)."""
 
     type: ClassVar[str] = "trained_reward_model"
     model: str = param("", "Its name, a folder under the project's reward_models/")
@@ -543,6 +545,10 @@ class RewardModelTraining:
     device: str = "auto"
 
 
+MIN_TRAINING_PAIRS = 2  # one to train on, one held out to measure accuracy
+TRAINING_PHASE = "Training the reward model"
+
+
 def trained_reward_models(project_path: Path | str | None) -> list[str]:
     """Names of the reward models trained in this project."""
     folder = Path(project_path or ".") / REWARD_MODELS_FOLDER
@@ -576,24 +582,35 @@ def preference_accuracy(scorer: ModelScorer, pairs: list[dict]) -> float | None:
 def load_base_classifier(source: ModelSource, device: str):
     """(model, tokenizer): the base model with a fresh one-output classification head."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as transformers_logging
 
     folder = resolve_folder(source)
     tokenizer = load_tokenizer(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=1, dtype=torch.float32, trust_remote_code=False,
-        use_safetensors=not source.allow_pickle or None)
+    transformers_logging.disable_progress_bar()
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # not its report that the head is new: that is the point
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, dtype=torch.float32, trust_remote_code=False,
+            use_safetensors=not source.allow_pickle or None)
+    finally:
+        transformers_logging.set_verbosity(previous)
     prepare_scoring_tokenizer(tokenizer, model.config)
     return model.to(device), tokenizer
 
 
 def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
-                       on_progress: Callable[[dict], None] | None = None) -> dict:
+                       on_progress: Progress = ignore, on_step: Callable[[dict], None] | None = None,
+                       stop: threading.Event | None = None) -> dict | None:
     """Train a Bradley-Terry reward model on the project's pairs and save it; returns its report.
 
     Loss per pair: -log sigmoid(r_chosen - r_rejected). The model is LoRA on the project's base model
     with a scalar head (trained in full); it is saved as a PEFT adapter in
     <project>/reward_models/<name>/, usable as a "trained_reward_model" source. Opens its own
-    database connection, so it can run in a worker thread. `on_progress` gets one dict per step.
+    database connection, so it can run in a worker thread. `on_progress` gets ("Training the reward
+    model", steps done, steps in all); `on_step` gets each step's loss and accuracy. Setting `stop`
+    ends training at the next step and returns None: nothing is saved (a half-trained model would
+    score like a finished one).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -602,15 +619,15 @@ def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
     if not SAFE_NAME.match(settings.name):
         raise RewardError(f"Reward model name {settings.name!r}: use letters, digits, '.', '_' or '-' (max 64)")
     project_path = Path(project_path)
-    db = store.connect(project_path)
-    try:
-        pairs = training_pairs(db, settings)
-        base_model = store.get_setting(db, "base_model")
-    finally:
-        db.close()
-    if len(pairs) < 2:
-        raise RewardError(f"Training a reward model needs at least 2 preference pairs; this project has {len(pairs)}. "
-                          "Label some comparisons (or include the imported preference datasets).")
+    with store.Project.open(project_path, read_only=True) as project:  # refuses a folder that is no project
+        pairs = training_pairs(project.db, settings)
+        base_model = store.get_setting(project.db, "base_model")
+    if len(pairs) < MIN_TRAINING_PAIRS:
+        raise RewardError(f"Training a reward model needs at least {MIN_TRAINING_PAIRS} preference pairs; "
+                          f"this project has {len(pairs)}. Label {MIN_TRAINING_PAIRS - len(pairs)} more "
+                          "comparisons in the Label tab"
+                          + ("." if settings.include_datasets else ", or also train on the imported preference "
+                             "datasets (studio train-reward --include-datasets)."))
     train, heldout = split_pairs(pairs, settings.heldout_fraction, settings.seed)
     device, _ = pick_device(settings.device)
 
@@ -624,9 +641,13 @@ def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate)
         generator = torch.Generator().manual_seed(settings.seed)
         step, losses, started = 0, [], time.perf_counter()
+        total_steps = settings.epochs * math.ceil(len(train) / settings.batch_size)
+        on_progress(TRAINING_PHASE, 0, total_steps)
         for epoch in range(settings.epochs):
             order = torch.randperm(len(train), generator=generator).tolist()
             for start in range(0, len(order), settings.batch_size):
+                if stop is not None and stop.is_set():
+                    return None
                 batch = [train[i] for i in order[start:start + settings.batch_size]]
                 prompts = [p["prompt"] for p in batch]
                 # Chosen and rejected in one forward pass: half the calls, the same result.
@@ -640,9 +661,10 @@ def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(loss.item())
-                if on_progress is not None:
-                    on_progress({"epoch": epoch, "step": step, "loss": loss.item(),
-                                 "accuracy": (chosen > rejected).float().mean().item()})
+                on_progress(TRAINING_PHASE, step, total_steps)
+                if on_step is not None:
+                    on_step({"epoch": epoch, "step": step, "loss": loss.item(),
+                             "accuracy": (chosen > rejected).float().mean().item()})
         report = {
             "name": settings.name, "train_pairs": len(train), "heldout_pairs": len(heldout),
             "heldout_accuracy": preference_accuracy(scorer, heldout),

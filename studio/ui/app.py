@@ -35,6 +35,7 @@ from .panels.run_setup import RunSetupPanel
 from .panels.runs import RunsPanel
 from .pages import PageScroll
 from .panels.walkthrough import WalkthroughPanel
+from .reward_training import RewardTrainingActions
 from .scale_out import ScaleOutActions, cuda_device_count
 from .wheel import WheelGuard
 from .workers import RunQueue, describe_error, load_engines, run_in_background, wait_for_background_jobs
@@ -290,6 +291,9 @@ class MainWindow(QMainWindow):
         run_menu.addSeparator()
         self.scale_out = ScaleOutActions(self)  # bundle / import / follow / launch on N GPUs
         run_menu.addMenu(self.scale_out.menu)
+        run_menu.addSeparator()
+        self.reward_training = RewardTrainingActions(self)  # a trained_reward_model source from the labels
+        run_menu.addActions([self.reward_training.train_action, self.reward_training.stop_action])
         self.view_menu = bar.addMenu("&View")
         for dock in self.docks.values():
             self.view_menu.addAction(dock.toggleViewAction())
@@ -694,6 +698,7 @@ class MainWindow(QMainWindow):
         self.stop_action.setEnabled(panel.stop_button.isEnabled())
         self.stop_now_action.setEnabled(panel.stop_now_button.isEnabled())
         self.scale_out.update_enabled()
+        self.reward_training.update_enabled()
 
     def _update_status(self) -> None:
         if self.project is None:

@@ -36,7 +36,9 @@ def run_in_background(fn: Callable, *args: Any, on_result: Callable | None = Non
     """
     from superqt.utils import create_worker
 
-    worker = create_worker(fn, *args, _start_thread=False, **kwargs)
+    # superqt re-raises a worker's exception in the GUI thread unless told not to: with on_error the
+    # error is handled, and re-raising it would also send a traceback to the excepthook.
+    worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=on_error is not None, **kwargs)
     if on_result is not None:
         worker.returned.connect(on_result)
     if on_error is not None:

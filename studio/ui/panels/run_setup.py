@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from . import DANGER, WARNING, ask_once, hint_label, icon
+from .reward_preview import RewardPreview
 
 SUMMARY_SETTINGS = ("max_steps", "checkpoint_every", "learning_rate", "batch_size", "beta", "reward_sources")
 
@@ -643,6 +644,7 @@ class MethodPage(QWidget):
         body_layout = QVBoxLayout(body)
         body_layout.setContentsMargins(2, 4, 6, 4)
         self.rewards: RewardSourcesTable | None = None
+        self.reward_preview: RewardPreview | None = None
         names = {f.name for f in dataclasses.fields(module.Config)}
         if "reward_sources" in names:
             box = QGroupBox("Reward sources")
@@ -650,6 +652,9 @@ class MethodPage(QWidget):
             box_layout = QVBoxLayout(box)
             self.rewards = RewardSourcesTable(catalogue, module.Config().reward_sources)
             box_layout.addWidget(self.rewards)
+            self.reward_preview = RewardPreview()
+            box_layout.addWidget(self.reward_preview)
+            self.rewards.edited.connect(self.preview_rewards)
             body_layout.addWidget(box)
         self.form = ConfigForm(module, shared_fields)
         body_layout.insertWidget(0 if self.rewards is None else 1, self.form)
@@ -666,6 +671,11 @@ class MethodPage(QWidget):
         self.form.reset()
         if self.rewards is not None:
             self.rewards.set_value(self.rewards.defaults)
+            self.preview_rewards()
+
+    def preview_rewards(self) -> None:
+        if self.reward_preview is not None:
+            self.reward_preview.set_sources(self.rewards.value())
 
 
 class RunSetupPanel(QWidget):
@@ -803,13 +813,17 @@ class RunSetupPanel(QWidget):
     def _show_project_reward_sources(self) -> None:
         """The project's `reward_sources` setting, if it has one, in the reward sources editor."""
         page = self.pages.get("ppo")
-        if self.project is None or page is None or page.rewards is None:
+        if page is None or page.rewards is None:
+            return
+        page.reward_preview.set_project(self.project)
+        if self.project is None:
             return
         from studio.core import store
 
         sources = store.get_setting(self.project.db, "reward_sources")
         if sources:
             page.rewards.set_value(sources)
+        page.preview_rewards()
 
     def refresh(self) -> None:
         """Reload what depends on the project: checkpoints to start from, the data hint."""
