@@ -117,7 +117,7 @@ def test_panel_shows_the_verdict_and_every_signal_of_a_synthetic_history(qtbot, 
     assert panel.cards["length_drift"].value.text() == "+133%"  # 28 words vs 12
     assert panel.cards["reward_hacking"].value.text() == "8%"  # 1 win in 12 labels
     assert panel.cards["reward_hacking"].interval.text().startswith("· 95%: 2% to ")
-    assert panel.dpo_button.text() == f"Start DPO from PPO #{run_id}, checkpoint 3 (step 60)"
+    assert panel.dpo_button.text() == "Start DPO from checkpoint 3 (step 60)"  # the run is named in the verdict
     assert all(not card.isHidden() for card in panel.cards.values())
 
 

@@ -636,8 +636,10 @@ class AdvisorPanel(QWidget):
         has_project = self.project_path is not None and not self.busy
         has_advice = has_project and self.advice is not None
         where = self.advised_state() if self.advice is not None else "this checkpoint"
-        self.label_button.setText(f"Label pairs from {where}")
-        self.dpo_button.setText(f"Start DPO from {where}")
+        short = where.rpartition(", ")[2]  # "checkpoint 2 (step 24)": the run is named in the verdict above
+        self.label_button.setText(f"Label pairs from {short}")
+        self.label_button.setToolTip(f"Two samples of {where} per prompt, for the labelling view.")
+        self.dpo_button.setText(f"Start DPO from {short}")
         self.sample_button.setEnabled(has_project)  # sampling the base is never advised against
         self.refresh_button.setEnabled(self.project_path is not None)
         for button in (self.label_button, self.trial_button):
