@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import labelling, store
+from .defaults import SHAPING_METHODS  # the reward-driven runs the advisor judges
 from .advisor_stats import (Z, Estimate, difference, extra_trials_needed, finite, gao_fit, gao_peak_kl,
                             jackknife, mean_estimate, proportion, ratio, robust_slope, trimmed_mean)
 from .progress import Progress, ignore
 
 TOLERANCES = ("low", "medium", "high")
-SHAPING_METHODS = ("ppo", "grpo", "rloo")  # reward-driven runs the advisor judges (runs.SHAPING_METHODS)
 
 THRESHOLDS: dict[str, dict[str, float]] = {
     # Signal 1: is the base messy? (base samples at the PPO run's temperature)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Callable
 
-from . import labelling, store
+from . import advisor, labelling, store
 
 BASE = None
 DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed")
@@ -237,13 +237,6 @@ def response_ids_of(tokenizer, output: Output) -> list[int]:
     return ids + [tokenizer.eos_token_id] if output.finished else ids
 
 
-def reward_sources(db) -> list[dict]:
-    """The project's reward sources (setting "reward_sources"), else the demo preset."""
-    from . import rewards
-
-    return store.get_setting(db, "reward_sources") or rewards.demo_preset()
-
-
 def score_outputs(cache: ModelCache, db, prompt, outputs: list[Output]) -> list[Output]:
     """Copies of `outputs` with their reward and log-prob under the base model added to figures.
 
@@ -253,7 +246,7 @@ def score_outputs(cache: ModelCache, db, prompt, outputs: list[Output]) -> list[
     if not outputs:
         return []
     model, tokenizer = cache.get(db, BASE)
-    reward = cache.reward_function(db, reward_sources(db), tokenizer)
+    reward = cache.reward_function(db, advisor.judged_sources(db), tokenizer)  # the project's, as the advisor's
     totals, breakdown = reward([prompt] * len(outputs), [o.text for o in outputs])
     scored = []
     for index, output in enumerate(outputs):

@@ -12,6 +12,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+SHAPING_METHODS = ("ppo", "grpo", "rloo")  # reward-driven methods: they sample their start state at step 0
+
 # Upper bounds (parameters) of each size class; the demo model (135 M) is "small".
 SIZE_CLASSES = (("small", 500_000_000), ("medium", 4_000_000_000), ("large", math.inf))
 

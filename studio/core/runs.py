@@ -53,7 +53,6 @@ ENGINE_MODULES = {"dpo": "studio.core.dpo", "ppo": "studio.core.ppo", "grpo": "s
 # A step's raw reward, for the run's no-progress check: PPO's before normalisation, else its scores,
 # else GRPO/RLOO's `reward`.
 REWARD_METRICS = ("objective/raw_reward", "objective/scores", "reward")
-SHAPING_METHODS = ("ppo", "grpo", "rloo")  # reward-driven: they sample their start state at step 0
 
 
 class ConfigError(StudioError):
@@ -659,7 +658,7 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
 
         if step:
             log(f"Resumed from the checkpoint at step {step}")
-        elif last is None and config.method in SHAPING_METHODS:
+        elif last is None and config.method in defaults.SHAPING_METHODS:
             # The start state's eval outputs: the reference every side effect is measured against.
             checkpoint()
             log("Start state sampled (checkpoint at step 0)")

@@ -24,13 +24,14 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
 
+from studio.core.defaults import SHAPING_METHODS
+
 from . import DANGER, WARNING, ask_once, hint_label, icon
 from .reward_preview import RewardPreview
 
 SUMMARY_SETTINGS = ("max_steps", "checkpoint_every", "learning_rate", "batch_size", "beta", "reward_sources")
 
 METHODS = (("dpo", "DPO"), ("ppo", "PPO"), ("grpo", "GRPO"), ("rloo", "RLOO"))
-SHAPING_METHODS = ("ppo", "grpo", "rloo")  # learn from reward signals on the policy's own samples
 
 # One line per hyper-parameter, for fields whose engine gives no help of its own.
 HELP = {
