@@ -107,3 +107,16 @@ def test_model_parameters_counts_the_projects_base_model(project, tiny_model_dir
     # Tied embeddings are stored once: count each tensor once, as the safetensors file holds them.
     expected = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert model_parameters(project.db) == expected
+
+
+def test_model_parameters_does_not_import_torch(project):
+    """The window reads the size when a project opens, in its GUI thread: importing torch there
+    froze the fresh window for seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from studio.core import store; from studio.core.models import model_parameters; "
+            f"db = store.connect({str(project.path)!r}); print(model_parameters(db)); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 0 and out[1] == "False"

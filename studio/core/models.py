@@ -81,8 +81,9 @@ def demo_gguf_path() -> Path:
     return path
 
 
-def resolve_folder(source: ModelSource) -> Path:
-    """The safetensors folder for a source, converting a GGUF file on first use."""
+def resolve_folder(source: ModelSource, check: bool = True) -> Path:
+    """The safetensors folder for a source, converting a GGUF file on first use. `check=False` skips
+    a user folder's checks (they import transformers, hence torch): for reading sizes only."""
     if source.kind == "demo":
         return converted_gguf_folder(demo_gguf_path())
     if source.kind == "gguf":
@@ -92,7 +93,8 @@ def resolve_folder(source: ModelSource) -> Path:
         return converted_gguf_folder(path)
     if source.kind == "folder":
         folder = Path(source.path or "")
-        check_folder(folder, allow_pickle=source.allow_pickle)
+        if check:
+            check_folder(folder, allow_pickle=source.allow_pickle)
         return folder
     raise ModelLoadError(f"Unknown model source kind {source.kind!r} (expected demo, folder or gguf)")
 
@@ -245,15 +247,16 @@ def _has_chat_template(folder: Path) -> bool:
     return tokenizer_config.exists() and "chat_template" in json.loads(tokenizer_config.read_text())
 
 
-def inspect_model(source: ModelSource) -> ModelInfo:
-    """Architecture, size and template of a model without loading its weights."""
+def inspect_model(source: ModelSource, check: bool = True) -> ModelInfo:
+    """Architecture, size and template of a model without loading its weights (nor importing torch
+    when `check` is False: see resolve_folder)."""
     from safetensors import safe_open
 
-    folder = resolve_folder(source)
+    folder = resolve_folder(source, check)
     config = json.loads((folder / "config.json").read_text())
     parameters = 0
     for file in folder.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as weights:
+        with safe_open(file, framework="numpy") as weights:  # shapes only; "pt" would import torch
             for name in weights.keys():
                 parameters += math.prod(weights.get_slice(name).get_shape())
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text()) if (
@@ -268,7 +271,7 @@ def model_parameters(db) -> int:
     import: the window reads it when a project opens."""
     from . import store
 
-    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model"))).parameters
+    return inspect_model(ModelSource.from_json(store.get_setting(db, "base_model")), check=False).parameters
 
 
 def pick_device(requested: str = "auto") -> tuple[str, str]:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+CHART_MIN_WIDTH = 340  # a live chart's size in the dashboard (pixels)
+CHART_HEIGHT = 210
+
 # --- metric groups, titles and units -----------------------------------------------------------
 
 # Dashboard sections in display order; a metric not listed (nor matched by a prefix) goes to "Other".

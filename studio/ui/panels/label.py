@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import QCoreApplication, QSettings, Qt, QThread, QTimer, Signal
 from PySide6.QtGui import QColor, QFont, QFontMetrics, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
@@ -252,14 +251,12 @@ class LabelPanel(QWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.results_table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Maximum)
         layout.addWidget(self.results_table)
-        self.chart = pg.PlotWidget(background="w")
-        self.chart.setMinimumHeight(170)
-        self.chart.setMouseEnabled(False, False)
-        self.chart.hideButtons()
-        self.chart.setLabel("bottom", "Bradley–Terry score, 95% CI (0 = average)")
-        for name in ("left", "bottom"):
-            self.chart.getAxis(name).setTextPen("#111827")  # pyqtgraph's default grey is faint on white
-        layout.addWidget(self.chart, 1)
+        # The chart is built with the first results to draw, so pyqtgraph loads after the first paint.
+        self.chart = None
+        self.chart_room = QWidget()
+        self.chart_room.setMinimumHeight(170)
+        QVBoxLayout(self.chart_room).setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.chart_room, 1)
         self.agreement_label = hint_label()
         layout.addWidget(self.agreement_label)
         export = QPushButton(icon("fa6s.file-export"), "Export labels as preference pairs…")
@@ -637,6 +634,18 @@ class LabelPanel(QWidget):
 
     def _draw_chart(self, rows: list[dict]) -> None:
         """Horizontal bars (best on top) with 95% CI whiskers: long state names stay readable."""
+        import pyqtgraph as pg
+
+        if self.chart is None:
+            if not rows:
+                return
+            self.chart = pg.PlotWidget(background="w")
+            self.chart.setMouseEnabled(False, False)
+            self.chart.hideButtons()
+            self.chart.setLabel("bottom", "Bradley–Terry score, 95% CI (0 = average)")
+            for name in ("left", "bottom"):
+                self.chart.getAxis(name).setTextPen("#111827")  # pyqtgraph's default grey is faint on white
+            self.chart_room.layout().addWidget(self.chart)
         self.chart.clear()
         if not rows:
             return
