@@ -24,9 +24,10 @@ from . import advisor, labelling, store
 
 PPO_RUN = "Walkthrough: PPO shaping"
 DPO_RUN = "Walkthrough: DPO settling"
-# Everything else: the measured defaults. Sized for one sitting on a CPU: each checkpoint also
-# answers the 48 eval prompts (as long as a PPO step or more), so checkpoints are few.
-PPO_SETTINGS = {"max_steps": 24, "checkpoint_every": 12}
+# Everything else: the measured defaults. Sized for one sitting on a CPU (about 40 steps is where the
+# demo's PPO has visibly shaped its answers: docs/defaults.md); each checkpoint also answers the 48
+# eval prompts (as long as a PPO step or more), so checkpoints are few.
+PPO_SETTINGS = {"max_steps": 40, "checkpoint_every": 10}
 DPO_SETTINGS = {"max_steps": 10, "checkpoint_every": 10}
 BASE_SAMPLES = 2  # sampled answers per eval prompt (plus a greedy one): enough to show the mess
 PAIRS_TO_LABEL = 10
