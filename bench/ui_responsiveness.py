@@ -4,6 +4,7 @@ a DPO run trains the demo model on the CPU from the window's run queue (in a chi
     .venv/bin/python bench/ui_responsiveness.py                 # everything (2-4 minutes)
     .venv/bin/python bench/ui_responsiveness.py --seconds 20    # a shorter training window
     .venv/bin/python bench/ui_responsiveness.py --switch-interval 0.001
+    .venv/bin/python bench/ui_responsiveness.py --smoke         # one launch, a small redraw, a tiny model (the tests)
 
 Figures, each printed with its goal and its ratio to the reference measured here with a bare
 QThread training the demo model (p99 extra delay 9.6 ms, max 164 ms):
@@ -161,20 +162,20 @@ def measure_redraw(runs: int = 4, points: int = 200_000, repeats: int = 40) -> d
 
 # --- event-loop delay while training ----------------------------------------------------------
 
-def make_project(tmp: Path, pairs: int) -> Path:
-    """A demo-model project with the first `pairs` demo preference pairs and 2 eval prompts."""
+def make_project(tmp: Path, pairs: int, base_model: dict) -> Path:
+    """A project on `base_model` with the first `pairs` demo preference pairs and 2 eval prompts."""
     from studio.core import store
 
     path = tmp / "bench-project"
     rows = [json.loads(x) for x in (DEMO / "preference_pairs.jsonl").read_text().splitlines() if x.strip()]
     prompts = [json.loads(x) for x in (DEMO / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
-    with store.Project.create(path, base_model={"kind": "demo"}) as project:
+    with store.Project.create(path, base_model=base_model) as project:
         store.add_dataset(project.db, "pairs", "preference", rows[:pairs])
         store.add_dataset(project.db, "eval", "prompts", prompts[:2], is_eval=True)
     return path
 
 
-def measure_training(seconds: float, pairs: int) -> dict:
+def measure_training(seconds: float, pairs: int, base_model: dict, max_length: int = 256) -> dict:
     """The charts panel in a window, fed by the window's own run queue (the run trains in a child process).
 
     Not the whole MainWindow: its compare panel loads the base model in the background when a
@@ -188,7 +189,7 @@ def measure_training(seconds: float, pairs: int) -> dict:
     from studio.ui.workers import RunQueue
 
     make_app()
-    project_path = make_project(Path(tempfile.mkdtemp()), pairs)
+    project_path = make_project(Path(tempfile.mkdtemp()), pairs, base_model)
     window = QMainWindow()
     charts = ChartsPanel()
     window.setCentralWidget(charts)
@@ -198,7 +199,7 @@ def measure_training(seconds: float, pairs: int) -> dict:
     queue.set_project(project_path)
     queue.metrics.connect(charts.append_metrics)
     charts.set_project(project_path)
-    config = runs.make_config("dpo", {"max_steps": 100_000, "batch_size": 1, "max_length": 256,
+    config = runs.make_config("dpo", {"max_steps": 100_000, "batch_size": 1, "max_length": max_length,
                                       "checkpoint_every": 20, "eval_max_new_tokens": 16, "seed": 0})
     db = store.connect(project_path)
     run_id = runs.create_run(db, config, name="bench DPO")
@@ -263,6 +264,8 @@ def main() -> None:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() once torch is imported, as the app could after loading engines")
     parser.add_argument("--skip", nargs="*", default=[], choices=["launch", "redraw", "training"])
+    parser.add_argument("--smoke", action="store_true",
+                        help="one launch, a 2x2,000-point redraw, 2 s of training a tiny random model")
     parser.add_argument("--launch-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.launch_child:
@@ -285,21 +288,31 @@ def main() -> None:
           f"{pyqtgraph.__version__}, numpy {numpy.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | switch interval {sys.getswitchinterval() * 1000:g} ms "
           f"| gc frozen: {gc.get_freeze_count()} objects | QT_QPA_PLATFORM={os.environ['QT_QPA_PLATFORM']}")
+    base_model = {"kind": "demo"}
+    redraw_size = {}
+    if args.smoke:
+        from studio.core.tiny import build_tiny_model_folder
+
+        base_model = {"kind": "folder", "path": str(build_tiny_model_folder(Path(tempfile.mkdtemp()) / "tiny"))}
+        redraw_size = {"points": 2_000, "repeats": 2}
+        args.seconds = 2.0
     if "launch" not in args.skip:
-        launches = measure_launch()
+        launches = measure_launch(1 if args.smoke else 3)
         print(line("window shown after launch (max of 3)", max(launches), "s", GOALS["launch"]))
         print(f"#   each: {', '.join(f'{s:.2f} s' for s in launches)}")
     if "redraw" not in args.skip:
-        redraw = measure_redraw()
+        redraw = measure_redraw(**redraw_size)
         for smoothing, (wall, cpu) in redraw.items():
-            label = f"redraw 4x200k, smoothing {smoothing:g}"
+            label = f"redraw 4x{redraw_size.get('points', 200_000) // 1000}k, smoothing {smoothing:g}"
             print(line(f"{label}: median", statistics.median(wall), "ms", GOALS["redraw"]))
             print(line(f"{label}: max", max(wall), "ms", GOALS["redraw"]))
             print(line(f"{label}: CPU median (load-proof)", statistics.median(cpu), "ms"))
     if "training" not in args.skip:
-        result = measure_training(args.seconds, args.pairs)
+        # The tiny model's tokenizer spells words letter by letter: the demo pairs need more room.
+        result = measure_training(args.seconds, args.pairs, base_model, 1024 if args.smoke else 256)
         extra = result["extra"]
-        print(f"# DPO on the demo model, CPU: {result['steps']} steps in {result['seconds']:.0f} s, "
+        model = "a tiny random model" if args.smoke else "the demo model"
+        print(f"# DPO on {model}, CPU: {result['steps']} steps in {result['seconds']:.0f} s, "
               f"first step after {result['first_record_s'] or float('nan'):.1f} s (model load, reference "
               f"log-probs), {len(extra)} timer ticks")
         for name, delays in (("whole run", extra), ("steps only", result["stepping"])):

@@ -54,3 +54,12 @@ def test_ppo_bench_smoke():
     args = ["--rules-only"] + ([] if trl_ready(".venv-trl029") else ["--skip-trl"])
     output = run_bench("ppo_vs_trl.py", *args)
     assert re.search(r"studio PPO with the demo rule reward: \[[\d., ]+\]\n  \d+\.\d+ s/step", output)
+
+
+def test_ui_responsiveness_bench_smoke():
+    output = run_bench("ui_responsiveness.py")
+    launch = next(line for line in output.splitlines() if line.startswith("window shown after launch"))
+    assert numbers(launch)[0] > 0
+    assert "redraw 4x2k, smoothing 0.6: median" in output
+    trained = next(line for line in output.splitlines() if line.startswith("# DPO on a tiny random model"))
+    assert int(re.search(r"(\d+) steps", trained).group(1)) >= 1
