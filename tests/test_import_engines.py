@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
-from studio.core import bundles, handoff, runs, store
+from studio.core import bundles, engine_outputs, handoff, runs, store
 from studio.core.tiny import build_tiny_model_folder
 
 TARGETS = ["q_proj", "v_proj"]
@@ -286,3 +287,26 @@ def test_exported_jobs_write_their_logs_where_import_reads_them(project, tmp_pat
     assert 'export VERL_FILE_LOGGER_PATH="$PWD/output/metrics.jsonl"' in script
     job = json.loads((verl / "studio_job.json").read_text())
     assert job["base_identity"] == runs.base_identity(runs.ModelSource.from_json(store.get_setting(project.db, "base_model")))
+
+
+STORE_NAMES = {"actor/pg_loss": "loss/policy_avg", "critic/score/mean": "objective/scores"}  # the others are kept
+metric_names = st.sampled_from(["actor/pg_loss", "critic/score/mean", "actor/ppo_kl", "timing_s/gen", "val-core/acc"])
+verl_steps = st.lists(st.dictionaries(metric_names, st.floats(-1e6, 1e6), min_size=1), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=verl_steps, cut=st.integers(min_value=0, max_value=10 ** 6))
+def test_a_verl_log_cut_anywhere_gives_its_complete_lines_under_the_store_names(steps, cut):
+    import tempfile
+
+    lines = [json.dumps({"step": step, "data": data}) + "\n" for step, data in enumerate(steps, 1)]
+    text = "".join(lines)
+    cut = cut % (len(text) + 1)  # the logger may be anywhere in its buffer when the import reads
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "latest_checkpointed_iteration.txt").write_text("0")  # no checkpoint yet
+        (Path(folder) / "metrics.jsonl").write_text(text[:cut])
+        output = engine_outputs.read_verl(Path(folder))
+    complete = text[:cut].count("\n")
+    expected = [{"step": step, **{STORE_NAMES.get(name, name): value for name, value in data.items()}}
+                for step, data in enumerate(steps[:complete], 1)]
+    assert output.records == expected and output.checkpoints == {}

@@ -135,7 +135,10 @@ def read_trl(folder: Path) -> EngineOutput | None:
               if (p / "trainer_state.json").exists()]
     if not states:
         return None
-    history = json.loads(states[0].read_text())["log_history"]
+    try:
+        history = json.loads(states[0].read_text(encoding="utf-8"))["log_history"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{states[0]}: not a TRL trainer state with a log_history ({type(exc).__name__})") from None
     return EngineOutput(
         "TRL", {step: path for step, path in checkpoints.items() if (path / ADAPTER_FILES[0]).exists()},
         [entry for entry in history if "step" in entry and "train_runtime" not in entry],
