@@ -310,3 +310,26 @@ def test_a_verl_log_cut_anywhere_gives_its_complete_lines_under_the_store_names(
     expected = [{"step": step, **{STORE_NAMES.get(name, name): value for name, value in data.items()}}
                 for step, data in enumerate(steps[:complete], 1)]
     assert output.records == expected and output.checkpoints == {}
+
+
+def test_a_job_from_a_checkpoint_imports_on_top_of_it_in_its_project_only(project, tmp_path):
+    add_data(project)
+    first = runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 2, "checkpoint_every": 2,
+                                                                 "eval_max_new_tokens": 2, "learning_rate": 1e-2}))
+    assert runs.execute(project.path, first) == "completed"
+    parent = store.checkpoints(project.db, first)[-1]["id"]
+    base_model, _ = runs.load_model_state(project.db, None)
+    parent_model, _ = runs.load_model_state(project.db, parent)
+    assert not torch.allclose(logits(base_model), logits(parent_model), atol=1e-4)  # dropping it would show
+    job = export(project, tmp_path, "openrlhf", "dpo", parent_checkpoint_id=parent)
+    output = save_like_openrlhf(job / "model", job / "output")  # the engine trains on the merged model/
+    run_id = bundles.import_run(project.db, project.path, output)
+    assert store.get_run(project.db, run_id)["parent_checkpoint_id"] == parent
+    [checkpoint] = store.checkpoints(project.db, run_id)
+    assert_loads_as(project.db, checkpoint, output, job / "model")  # base + parent + the engine's adapter
+
+    elsewhere = store.Project.create(tmp_path / "elsewhere", base_model=store.get_setting(project.db, "base_model"))
+    with pytest.raises(bundles.BundleError, match=f"model is checkpoint {parent} of project .*import it into that"):
+        bundles.import_run(elsewhere.db, elsewhere.path, output)
+    assert store.list_runs(elsewhere.db) == []
+    elsewhere.close()
