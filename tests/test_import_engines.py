@@ -245,6 +245,23 @@ def test_a_verl_folder_without_lora_checkpoints_is_refused(project, tmp_path):
     assert store.list_runs(project.db) == []
 
 
+def test_a_verl_step_whose_lora_save_failed_is_left_out(project, tiny_model_dir, tmp_path):
+    add_data(project)
+    output = verl_output(project, tmp_path, tiny_model_dir)
+    shutil.rmtree(output / "global_step_2" / "actor" / "lora_adapter")  # verl logs the error and goes on
+    run_id = bundles.import_run(project.db, project.path, output)
+    assert [c["step"] for c in store.checkpoints(project.db, run_id)] == [4]
+
+
+def test_an_openrlhf_folder_with_nothing_whole_yet_is_refused(project, tiny_model_dir, tmp_path):
+    output = tmp_path / "openrlhf-out"
+    save_like_openrlhf(tiny_model_dir, output / "checkpoints" / "global_step2_hf")
+    (output / "checkpoints" / "global_step2_hf" / "tokenizer_config.json").unlink()  # still being saved
+    with pytest.raises(bundles.BundleError, match="OpenRLHF output with no whole checkpoint and no log yet: nothing to import"):
+        bundles.import_run(project.db, project.path, output)
+    assert store.list_runs(project.db) == []
+
+
 @pytest.mark.parametrize("change,message", [
     ({"r": 0}, "LoRA rank r = 0; it must be a whole number above 0"),
     ({"target_modules": ["wq"]}, "target module 'wq' is no linear layer of the project's base model"),

@@ -172,8 +172,10 @@ def read_verl(folder: Path) -> EngineOutput | None:
     if not steps and latest is None:
         return None
     latest = latest or 0
-    adapters = {step: path / "actor" / "lora_adapter" for step, path in steps.items() if step <= latest}
-    if steps and not any(has_adapter(path) for path in adapters.values()):
+    whole = {step: path / "actor" / "lora_adapter" for step, path in steps.items() if step <= latest}
+    # verl logs a failed LoRA save and goes on: such a step has no lora_adapter/ and is left out.
+    adapters = {step: path for step, path in whole.items() if has_adapter(path)}
+    if whole and not adapters:
         raise BundleError(f"{folder}: a verl output folder, but no checkpoint up to step {latest} "
                           "(latest_checkpointed_iteration.txt) has a LoRA adapter (global_step_<N>/actor/"
                           "lora_adapter/): verl saves one only when actor_rollout_ref.model.lora_rank > 0; "
@@ -289,6 +291,9 @@ def import_engine_output(db, project_path: Path, folder: Path) -> int:
     second import). The run's settings are the studio job's when export-job wrote the job
     (studio_job.json beside or above the folder), else the method's defaults."""
     output = read_output(folder)
+    if not output.checkpoints and not output.records:
+        raise BundleError(f"{folder}: {output.engine} output with no whole checkpoint and no log yet: "
+                          "nothing to import")
     source = ModelSource.from_json(store.get_setting(db, "base_model"))
     identity = base_identity(source)
     job, job_file = load_job(folder)
