@@ -340,7 +340,7 @@ def run_bundle(bundle: Path | str, control: runs.RunControl | None = None,
 
 # --- bringing results back ------------------------------------------------------------------------
 
-def _imported_run(db, key: str, method: str, config: dict, name: str, parent_checkpoint_id: int | None) -> int:
+def imported_run(db, key: str, method: str, config: dict, name: str, parent_checkpoint_id: int | None) -> int:
     """The run that holds source `key`'s results in this project: found, or created once."""
     imported = store.get_setting(db, IMPORTED_KEY, {})
     if key in imported:
@@ -351,7 +351,7 @@ def _imported_run(db, key: str, method: str, config: dict, name: str, parent_che
     return run_id
 
 
-def _replace_metrics(db, run_id: int, records: list[dict]) -> None:
+def replace_metrics(db, run_id: int, records: list[dict]) -> None:
     """The run's metrics become exactly `records` (last record of a step wins), in one transaction."""
     by_step = {}
     for record in records:
@@ -363,7 +363,7 @@ def _replace_metrics(db, run_id: int, records: list[dict]) -> None:
         store.write_metrics(db, run_id, rows)
 
 
-def _add_checkpoint_folder(project_path: Path, run_id: int, name: str, fill: Callable[[Path], None]) -> Path:
+def add_checkpoint_folder(project_path: Path, run_id: int, name: str, fill: Callable[[Path], None]) -> Path:
     """The run's checkpoint folder `name` in the project, filled by `fill(folder)` whole or not at all."""
     target = project_path / "runs" / str(run_id) / name
     if not target.exists():
@@ -394,14 +394,14 @@ def import_bundle(db, project_path: Path, bundle: Path) -> int:
     same_project = Path(source["project"]) == project_path.resolve()
     parent = source["parent_checkpoint_id"] if same_project else None
     config = {**json.loads((bundle / "config.json").read_text()), "parent_checkpoint_id": parent}
-    run_id = _imported_run(db, f"bundle:{manifest['bundle_id']}", manifest["method"], config,
+    run_id = imported_run(db, f"bundle:{manifest['bundle_id']}", manifest["method"], config,
                            f"{source['run_name']} (bundle)", parent)
     sink = BundleSink(bundle, writes=False)
     # The status first: the writer flushes metrics and checkpoints before it writes a final status,
     # so a final status read here comes with all of them below.
     status_path = sink.run_dir / "status.json"
     status = json.loads(status_path.read_text()) if status_path.exists() else None
-    _replace_metrics(db, run_id, read_jsonl(sink.metrics_path))
+    replace_metrics(db, run_id, read_jsonl(sink.metrics_path))
     eval_prompts = {row["id"]: row["prompt"]
                     for row in json.loads((bundle / "data.json").read_text(encoding="utf-8"))["eval_prompts"]}
     known = {c["step"] for c in store.checkpoints(db, run_id)}
@@ -409,7 +409,7 @@ def import_bundle(db, project_path: Path, bundle: Path) -> int:
         if entry["step"] in known:
             continue
         source_folder = sink.run_dir / entry["folder"]
-        folder = _add_checkpoint_folder(project_path, run_id, entry["folder"],
+        folder = add_checkpoint_folder(project_path, run_id, entry["folder"],
                                         lambda partial: shutil.copytree(source_folder, partial))
         runs.SQLiteSink(db, run_id).checkpoint_saved(entry["step"], folder,
                                                      _sample_rows(db, entry["samples"], eval_prompts))

@@ -304,9 +304,9 @@ def import_engine_output(db, project_path: Path, folder: Path) -> int:
 
     config = {**(job["config"] if job else runs.make_config(output.method).to_json()), "parent_checkpoint_id": parent}
     name = f"{job['run_name'] if job else folder.name} ({output.engine})"
-    run_id = bundles._imported_run(db, f"{output.engine.lower()}:{folder.resolve()}", config["method"], config,
+    run_id = bundles.imported_run(db, f"{output.engine.lower()}:{folder.resolve()}", config["method"], config,
                                    name, parent)
-    bundles._replace_metrics(db, run_id, output.records)
+    bundles.replace_metrics(db, run_id, output.records)
     known = {c["step"] for c in store.checkpoints(db, run_id)}
     for step, adapter in output.checkpoints.items():
         if step in known:
@@ -317,7 +317,7 @@ def import_engine_output(db, project_path: Path, folder: Path) -> int:
             for file_name in ADAPTER_FILES:
                 shutil.copy2(adapter / file_name, partial / "adapter" / file_name)
 
-        checkpoint = bundles._add_checkpoint_folder(project_path, run_id, f"checkpoint-{step}", copy_adapter)
+        checkpoint = bundles.add_checkpoint_folder(project_path, run_id, f"checkpoint-{step}", copy_adapter)
         runs.SQLiteSink(db, run_id, identity).checkpoint_saved(step, checkpoint, [])
     finished = verl_finished(folder, job) if output.engine == "verl" else output.finished
     store.set_run_status(db, run_id, {True: "completed", False: "running", None: "stopped"}[finished])
