@@ -350,3 +350,17 @@ def test_a_job_from_a_checkpoint_imports_on_top_of_it_in_its_project_only(projec
         bundles.import_run(elsewhere.db, elsewhere.path, output)
     assert store.list_runs(elsewhere.db) == []
     elsewhere.close()
+
+
+def test_the_cli_imports_an_engine_folder_and_names_a_damaged_job_file(tiny_model_dir, tmp_path, capsys):
+    from studio.cli import main
+
+    project = store.Project.create(tmp_path / "project", base_model={"kind": "folder", "path": str(tiny_model_dir)})
+    add_data(project)
+    output = verl_output(project, tmp_path, tiny_model_dir)
+    project.close()  # the command opens it
+    assert main(["import-run", str(project.path), str(output)]) == 0
+    assert f"Imported {output} as run 2" in capsys.readouterr().out
+    (output.parent / "studio_job.json").write_text('{"engine": "verl", ')
+    assert main(["import-run", str(project.path), str(output)]) == 2
+    assert f"{output.parent / 'studio_job.json'} is not valid JSON" in capsys.readouterr().err

@@ -237,7 +237,11 @@ def check_lora_shapes(weights: Path, shapes: dict[str, tuple[int, int]], base: s
     from safetensors import safe_open
 
     found = 0
-    with safe_open(weights, "pt") as tensors:
+    try:
+        tensors = safe_open(weights, "pt")
+    except Exception as exc:  # safetensors' own error type: a header it cannot read
+        raise BundleError(f"{weights} is damaged ({exc})") from None
+    with tensors:
         for key in tensors.keys():
             match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
             if not match:
@@ -263,7 +267,13 @@ def load_job(folder: Path) -> tuple[dict | None, Path | None]:
     """studio_job.json (written by export-job) beside or above the output folder, if any."""
     for path in (folder / "studio_job.json", folder.parent / "studio_job.json"):
         if path.exists():
-            return json.loads(path.read_text()), path
+            try:
+                job = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BundleError(f"{path} is not valid JSON ({exc})") from None
+            if not isinstance(job, dict) or not isinstance(job.get("config"), dict):
+                raise BundleError(f"{path}: no run settings (\"config\"); export-job writes them")
+            return job, path
     return None, None
 
 
