@@ -375,18 +375,19 @@ def export_job(project_path: Path | str, run_id: int, engine: str, out: Path | s
         job = MAPPERS[key](config, data, "model")  # refuses what the engine cannot do, before any copy
         job.mapping.append(("method", " ".join(job.command)))
         job.mapping.append(("parent_checkpoint_id", "model/ (the base model, with the parent's adapters merged if any)"))
+        base = runs.model_start(project.db, None).base
         with new_folder(out, "job") as partial:
             if config.parent_checkpoint_id is not None:  # the engines start from a plain model folder
                 runs.export_merged(project.db, config.parent_checkpoint_id, partial / "model")
             else:
-                shutil.copytree(resolve_folder(runs.model_start(project.db, None).base), partial / "model")
+                shutil.copytree(resolve_folder(base), partial / "model")
             write_job_files(partial, job, config, data)
             # What import-run checks the engine's adapters against: the base model (its identity) and
             # the checkpoint merged into model/ (they apply on top of it, in this project only).
             (partial / "studio_job.json").write_text(json.dumps(
                 {"engine": engine, "pinned": PINNED[engine], "run_name": run["name"], "source_run_id": run_id,
                  "project": str(Path(project_path).resolve()), "parent_checkpoint_id": config.parent_checkpoint_id,
-                 "base_identity": base_identity(runs.model_start(project.db, None).base),
+                 "base_identity": base_identity(base),
                  "config": config.to_json(), "flags": job.flags, "unmapped": dict(job.unmapped)}, indent=2))
             (partial / "launch.sh").write_text(launch_script(job, run["name"], config.method))
             (partial / "launch.sh").chmod(0o755)
