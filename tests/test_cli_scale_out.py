@@ -33,10 +33,11 @@ def test_run_bundle_on_a_folder_that_is_not_a_bundle(tmp_path, capsys):
     assert f"{tmp_path} is not a run bundle (no manifest.json)" in error(capsys)
 
 
-def test_import_run_of_a_folder_that_is_neither_a_bundle_nor_trl_output(project_dir, tmp_path, capsys):
+def test_import_run_of_a_folder_of_no_known_kind(project_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["import-run", str(project_dir), str(tmp_path / "empty")]) == 2
-    assert "neither a run bundle (manifest.json) nor a TRL output folder" in error(capsys)
+    assert f"{tmp_path / 'empty'} is none of the folders import-run reads; looked for a run bundle (manifest.json)" \
+        in error(capsys)
 
 
 def test_bundle_of_a_missing_run(project_dir, tmp_path, capsys):

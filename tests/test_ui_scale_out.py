@@ -49,3 +49,23 @@ def test_bundle_selected_run_writes_the_bundle_in_the_background(make_window, qt
     window.scale_out.bundle_selected(tmp_path / "bundle", then=written.append)
     qtbot.waitUntil(lambda: written == [tmp_path / "bundle"], timeout=TIMEOUT)
     assert bundles.verify_bundle(tmp_path / "bundle")["source"]["run_id"] == run_id
+
+
+def test_the_import_action_brings_a_verl_output_folder_back(make_window, qtbot, tmp_path, tiny_model_dir):
+    from tests.test_import_engines import add_data, verl_output
+
+    project = store.Project.create(tmp_path / "project", base_model={"kind": "folder", "path": str(tiny_model_dir)})
+    add_data(project)
+    output = verl_output(project, tmp_path, tiny_model_dir)
+    project.close()
+    window = make_window()
+    assert window.open_project(tmp_path / "project")
+    window.scale_out.start_import(output, follow=False)
+    imported = lambda: store.get_setting(window.project.db, bundles.IMPORTED_KEY, {})  # noqa: E731
+    qtbot.waitUntil(lambda: len(imported()) == 1, timeout=TIMEOUT)
+    run_id = next(iter(imported().values()))
+    qtbot.waitUntil(lambda: window.statusBar().currentMessage() == f"Imported output as run {run_id} (completed)",
+                    timeout=TIMEOUT)
+    assert [c["step"] for c in store.checkpoints(window.project.db, run_id)] == [2, 4]
+    window.runs_panel.select_runs([run_id])  # the runs table shows it
+    assert window.runs_panel.selected_run_ids() == [run_id]

@@ -16,8 +16,8 @@ A bundle holds everything a run needs and nothing of the project database::
       checkpoint-<n>/    adapter/ + trainer_state.pt, the local runs' layout
 
 `import_run` turns a bundle (finished or still running) into a run of a project; importing again
-updates that same run, so `follow` can simply import every few seconds. It also reads a TRL output
-folder (trainer_state.json's log_history and PEFT checkpoint-<n>/ folders).
+updates that same run, so `follow` can simply import every few seconds. It also reads the output
+folders of TRL, OpenRLHF and verl (engine_outputs: their logs and LoRA checkpoints).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def run_bundle(bundle: Path | str, control: runs.RunControl | None = None,
 
 # --- bringing results back ------------------------------------------------------------------------
 
-def _imported_run(db, key: str, method: str, config: dict, name: str, parent_checkpoint_id: int | None) -> int:
+def imported_run(db, key: str, method: str, config: dict, name: str, parent_checkpoint_id: int | None) -> int:
     """The run that holds source `key`'s results in this project: found, or created once."""
     imported = store.get_setting(db, IMPORTED_KEY, {})
     if key in imported:
@@ -351,7 +351,7 @@ def _imported_run(db, key: str, method: str, config: dict, name: str, parent_che
     return run_id
 
 
-def _replace_metrics(db, run_id: int, records: list[dict]) -> None:
+def replace_metrics(db, run_id: int, records: list[dict]) -> None:
     """The run's metrics become exactly `records` (last record of a step wins), in one transaction."""
     by_step = {}
     for record in records:
@@ -363,7 +363,7 @@ def _replace_metrics(db, run_id: int, records: list[dict]) -> None:
         store.write_metrics(db, run_id, rows)
 
 
-def _add_checkpoint_folder(project_path: Path, run_id: int, name: str, fill: Callable[[Path], None]) -> Path:
+def add_checkpoint_folder(project_path: Path, run_id: int, name: str, fill: Callable[[Path], None]) -> Path:
     """The run's checkpoint folder `name` in the project, filled by `fill(folder)` whole or not at all."""
     target = project_path / "runs" / str(run_id) / name
     if not target.exists():
@@ -394,14 +394,14 @@ def import_bundle(db, project_path: Path, bundle: Path) -> int:
     same_project = Path(source["project"]) == project_path.resolve()
     parent = source["parent_checkpoint_id"] if same_project else None
     config = {**json.loads((bundle / "config.json").read_text()), "parent_checkpoint_id": parent}
-    run_id = _imported_run(db, f"bundle:{manifest['bundle_id']}", manifest["method"], config,
+    run_id = imported_run(db, f"bundle:{manifest['bundle_id']}", manifest["method"], config,
                            f"{source['run_name']} (bundle)", parent)
     sink = BundleSink(bundle, writes=False)
     # The status first: the writer flushes metrics and checkpoints before it writes a final status,
     # so a final status read here comes with all of them below.
     status_path = sink.run_dir / "status.json"
     status = json.loads(status_path.read_text()) if status_path.exists() else None
-    _replace_metrics(db, run_id, read_jsonl(sink.metrics_path))
+    replace_metrics(db, run_id, read_jsonl(sink.metrics_path))
     eval_prompts = {row["id"]: row["prompt"]
                     for row in json.loads((bundle / "data.json").read_text(encoding="utf-8"))["eval_prompts"]}
     known = {c["step"] for c in store.checkpoints(db, run_id)}
@@ -409,7 +409,7 @@ def import_bundle(db, project_path: Path, bundle: Path) -> int:
         if entry["step"] in known:
             continue
         source_folder = sink.run_dir / entry["folder"]
-        folder = _add_checkpoint_folder(project_path, run_id, entry["folder"],
+        folder = add_checkpoint_folder(project_path, run_id, entry["folder"],
                                         lambda partial: shutil.copytree(source_folder, partial))
         runs.SQLiteSink(db, run_id).checkpoint_saved(entry["step"], folder,
                                                      _sample_rows(db, entry["samples"], eval_prompts))
@@ -418,50 +418,15 @@ def import_bundle(db, project_path: Path, bundle: Path) -> int:
     return run_id
 
 
-def import_trl_output(db, project_path: Path, folder: Path) -> int:
-    """Bring a TRL output folder into `project` as a run: log_history metrics, PEFT checkpoints.
-
-    Reads the newest trainer_state.json (the output folder's, else the last checkpoint's). The run's
-    settings are the studio job's when `export-job` wrote the job (studio_job.json beside or above the
-    folder), else DPO defaults.
-    """
-    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
-                         key=lambda p: int(p.name.split("-", 1)[1]))
-    states = [p / "trainer_state.json" for p in [folder, *reversed(checkpoints)] if (p / "trainer_state.json").exists()]
-    if not states:
-        raise BundleError(f"{folder}: neither a run bundle (manifest.json) nor a TRL output folder (trainer_state.json)")
-    job_files = [p / "studio_job.json" for p in (folder, folder.parent) if (p / "studio_job.json").exists()]
-    job = json.loads(job_files[0].read_text()) if job_files else {"config": runs.make_config("dpo").to_json()}
-    config = {**job["config"], "parent_checkpoint_id": None}
-    run_id = _imported_run(db, f"trl:{folder.resolve()}", config["method"], config,
-                           f"{job.get('run_name', folder.name)} (TRL)", None)
-    history = json.loads(states[0].read_text())["log_history"]
-    _replace_metrics(db, run_id, [entry for entry in history if "step" in entry and "train_runtime" not in entry])
-    known = {c["step"] for c in store.checkpoints(db, run_id)}
-    for checkpoint in checkpoints:
-        step = int(checkpoint.name.split("-", 1)[1])
-        if step in known or not (checkpoint / "adapter_model.safetensors").exists():
-            continue
-
-        def copy_adapter(partial: Path, checkpoint=checkpoint) -> None:
-            (partial / "adapter").mkdir(parents=True)
-            for name in ("adapter_model.safetensors", "adapter_config.json"):
-                shutil.copy2(checkpoint / name, partial / "adapter" / name)
-
-        folder_path = _add_checkpoint_folder(project_path, run_id, checkpoint.name, copy_adapter)
-        runs.SQLiteSink(db, run_id).checkpoint_saved(step, folder_path, [])
-    finished = (folder / "adapter_model.safetensors").exists()  # the trainer's final save_model
-    store.set_run_status(db, run_id, "completed" if finished else "running")
-    return run_id
-
-
 def import_run(db, project_path: Path | str, source: Path | str) -> int:
-    """Import a bundle or a TRL output folder into the project whose database is `db`; importing
-    again updates the same run. Returns the run's id."""
+    """Import a bundle, or a TRL, OpenRLHF or verl output folder (engine_outputs), into the project
+    whose database is `db`; importing again updates the same run. Returns the run's id."""
+    from .engine_outputs import import_engine_output
+
     source, project_path = Path(source), Path(project_path)
     if (source / "manifest.json").exists():
         return import_bundle(db, project_path, source)
-    return import_trl_output(db, project_path, source)
+    return import_engine_output(db, project_path, source)
 
 
 def follow(db, project_path: Path | str, source: Path | str, interval_s: float = 2.0,

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import runs, store
 from .bundles import copy_reward_models, new_folder
 from .errors import StudioError
-from .models import resolve_folder
+from .models import base_identity, resolve_folder
 
 PINNED = {"trl": "trl==1.16.0", "openrlhf": "openrlhf==0.11.0", "verl": "verl==0.7.0"}
 ENGINES = tuple(PINNED)
@@ -160,7 +160,10 @@ def trl_dpo(config, data: runs.TrainingData, model: str) -> Job:
 def openrlhf_common(job: Job, config, prefix: str, model_flag: str, model: str) -> None:
     """Settings OpenRLHF's DPO and PPO scripts share (PPO puts the optimizer under --actor.)."""
     job.flags[model_flag] = model
-    job.flags.update({"--ckpt.output_dir": "output", "--ckpt.save_hf": True, "--logger.logging_steps": 1,
+    # Everything `studio import-run JOB/output/` reads goes under output/: the final adapter, the
+    # adapters of the checkpoints (global_step<N>_hf/), the TensorBoard scalars.
+    job.flags.update({"--ckpt.output_dir": "output", "--ckpt.path": "output/checkpoints", "--ckpt.save_hf": True,
+                      "--logger.logging_steps": 1, "--logger.tensorboard_dir": "output/tensorboard",
                       "--ds.zero_stage": 2, "--ds.param_dtype": "bf16"})
     job.map("seed", "--train.seed", config.seed)
     job.map("learning_rate", f"--{prefix}adam.lr", config.learning_rate)
@@ -263,7 +266,10 @@ def verl_ppo(config, data: runs.TrainingData, model: str) -> Job:
                       "custom_reward_function.name": "compute_score", "algorithm.adv_estimator": "gae",
                       "algorithm.use_kl_in_reward": True, "actor_rollout_ref.rollout.n": 1,
                       "trainer.n_gpus_per_node": '"$NUM_GPUS"', "trainer.nnodes": '"$NUM_NODES"',
-                      "trainer.logger": "[console]", "trainer.default_local_dir": "output"})
+                      "trainer.logger": "[console,file]", "trainer.default_local_dir": '"$PWD/output"'})
+    # verl's file logger writes the metrics where `studio import-run JOB/output/` reads them (the Ray
+    # workers of a local cluster inherit this environment; on another cluster, set it there).
+    job.preamble += ["mkdir -p output", 'export VERL_FILE_LOGGER_PATH="$PWD/output/metrics.jsonl"']
     job.mapping.append(("reward_sources", "custom_reward_function.path=reward_fn.py (compute_score)"))
     job.mapping.append(("prompt_dataset_ids", "data.train_files (data/train.parquet)"))
     actor = "actor_rollout_ref.actor."
@@ -369,14 +375,19 @@ def export_job(project_path: Path | str, run_id: int, engine: str, out: Path | s
         job = MAPPERS[key](config, data, "model")  # refuses what the engine cannot do, before any copy
         job.mapping.append(("method", " ".join(job.command)))
         job.mapping.append(("parent_checkpoint_id", "model/ (the base model, with the parent's adapters merged if any)"))
+        base = runs.model_start(project.db, None).base
         with new_folder(out, "job") as partial:
             if config.parent_checkpoint_id is not None:  # the engines start from a plain model folder
                 runs.export_merged(project.db, config.parent_checkpoint_id, partial / "model")
             else:
-                shutil.copytree(resolve_folder(runs.model_start(project.db, None).base), partial / "model")
+                shutil.copytree(resolve_folder(base), partial / "model")
             write_job_files(partial, job, config, data)
+            # What import-run checks the engine's adapters against: the base model (its identity) and
+            # the checkpoint merged into model/ (they apply on top of it, in this project only).
             (partial / "studio_job.json").write_text(json.dumps(
                 {"engine": engine, "pinned": PINNED[engine], "run_name": run["name"], "source_run_id": run_id,
+                 "project": str(Path(project_path).resolve()), "parent_checkpoint_id": config.parent_checkpoint_id,
+                 "base_identity": base_identity(base),
                  "config": config.to_json(), "flags": job.flags, "unmapped": dict(job.unmapped)}, indent=2))
             (partial / "launch.sh").write_text(launch_script(job, run["name"], config.method))
             (partial / "launch.sh").chmod(0o755)

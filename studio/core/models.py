@@ -218,16 +218,29 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def module_names(source: ModelSource) -> list[str]:
-    """The model's module names (e.g. model.layers.0.self_attn.q_proj), what LoRA target_modules are
-    matched against: built on the meta device, so no weights are read or allocated."""
+def _meta_model(source: ModelSource):
+    """The model built on the meta device: its modules and shapes, with no weights read or allocated."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(resolve_folder(source), trust_remote_code=False)
     with _LOAD_LOCK, torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    return [name for name, _ in model.named_modules() if name]
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
+def module_names(source: ModelSource) -> list[str]:
+    """The model's module names (e.g. model.layers.0.self_attn.q_proj), what LoRA target_modules are
+    matched against."""
+    return [name for name, _ in _meta_model(source).named_modules() if name]
+
+
+def linear_shapes(source: ModelSource) -> dict[str, tuple[int, int]]:
+    """{module name: (out_features, in_features)} of the model's linear layers: what a LoRA adapter's
+    lora_B (out x r) and lora_A (r x in) weights must fit."""
+    import torch
+
+    return {name: (module.out_features, module.in_features)
+            for name, module in _meta_model(source).named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def _check_architecture(folder: Path, config: dict) -> None:

@@ -429,22 +429,9 @@ def verify_checkpoint(folder: Path, resumable: bool = True) -> str | None:
 
     if not folder.is_dir():
         return f"its folder {folder} is missing"
-    adapter = folder / ADAPTER_FILE
-    try:
-        with open(adapter, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size > adapter.stat().st_size:
-                return f"{adapter} is damaged (its header length is past the end of the file)"
-            header = json.loads(f.read(size))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + size + end != adapter.stat().st_size:
-            return f"{adapter} is truncated or padded ({adapter.stat().st_size} bytes, header says {8 + size + end})"
-    except FileNotFoundError:
-        return f"{adapter} is missing"
-    except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
-        return f"{adapter} is damaged ({type(exc).__name__})"
-    if not resumable:
-        return None
+    problem = safetensors_problem(folder / ADAPTER_FILE)
+    if problem or not resumable:
+        return problem
     state = folder / TRAINER_STATE_FILE
     try:
         with zipfile.ZipFile(state) as archive:
@@ -455,6 +442,25 @@ def verify_checkpoint(folder: Path, resumable: bool = True) -> str | None:
         return f"{state} is missing"
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         return f"{state} is damaged ({exc})"
+    return None
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file (None when whole), from its header alone: the header must
+    describe exactly the bytes after it (a copy cut short or padded is caught without reading tensors)."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > file.stat().st_size:
+                return f"{file} is damaged (its header length is past the end of the file)"
+            header = json.loads(f.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + size + end != file.stat().st_size:
+            return f"{file} is truncated or padded ({file.stat().st_size} bytes, header says {8 + size + end})"
+    except FileNotFoundError:
+        return f"{file} is missing"
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
+        return f"{file} is damaged ({type(exc).__name__})"
     return None
 
 

@@ -1,5 +1,5 @@
 """Window actions for running past one machine: bundle a run, import (and follow) a bundle or a
-TRL output folder, and launch a run on N local GPUs through torchrun (shown with 2+ CUDA devices).
+TRL / OpenRLHF / verl output folder, and launch a run on N local GPUs through torchrun (shown with 2+ CUDA devices).
 
 The work is ``studio.core.bundles``; this module only asks for folders, runs the imports in the
 thread pool (each with its own database connection) and refreshes the runs list and charts.
@@ -58,7 +58,7 @@ class ScaleOutActions(QObject):
         self.bundle_action = self._add("&Bundle Selected Run…", self.bundle_selected,
                                        "Write the selected run as a folder another machine can train")
         self.import_action = self._add("&Import Run or Bundle…", lambda: self.choose_import(follow=False),
-                                       "Bring a bundle or a TRL output folder back as a run")
+                                       "Bring a bundle, or a TRL, OpenRLHF or verl output folder, back as a run")
         self.follow_action = self._add("&Follow Bundle…", lambda: self.choose_import(follow=True),
                                        "Import a bundle every few seconds while it trains, so its charts stay live")
         self.launch_action = self._add("&Launch on GPUs…", self.launch_on_gpus,
@@ -114,7 +114,7 @@ class ScaleOutActions(QObject):
     def choose_import(self, follow: bool) -> None:
         if self.window.project is None:
             return
-        chosen = QFileDialog.getExistingDirectory(self.window, "Bundle or TRL output folder")
+        chosen = QFileDialog.getExistingDirectory(self.window, "Bundle, or TRL / OpenRLHF / verl output folder")
         if chosen:
             self.start_import(Path(chosen), follow)
 
