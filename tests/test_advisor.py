@@ -566,3 +566,15 @@ def test_sample_base_reports_each_batch_and_a_stop_stores_nothing(project):
                                  on_progress=lambda *report: reports.append(report), should_stop=lambda: True)
     assert stored == 0 and reports == [(phase, 0, 12), (phase, 4, 12)]  # stopped after the first batch
     assert store.samples(db, None) == before  # nothing of the stopped pass is stored, the earlier samples stay
+
+
+def test_a_rule_with_a_negative_weight_is_broken_by_missing_what_it_counts(project):
+    # +1 per "!" (a forbid regex with weight -1: the reward loves the phrase), a [0, 1] rule the
+    # reward wants failed (weight -1), and a rule that does not count (weight 0).
+    sources = [{"type": "regex", "name": "loves_bang", "pattern": "!", "forbid": True, "weight": -1.0},
+               {"type": "terminal_punctuation", "name": "unfinished", "weight": -1.0},
+               {"type": "max_lines", "name": "ignored", "max_lines": 1, "weight": 0.0}]
+    scores = {text: advisor.rule_results(sources, text)[0] for text in ("Wow!", "Blue.", "two\nlines")}
+    assert advisor.broken_rules(sources, scores["Wow!"]) == ["unfinished"]
+    assert advisor.broken_rules(sources, scores["Blue."]) == ["loves_bang", "unfinished"]
+    assert advisor.broken_rules(sources, scores["two\nlines"]) == ["loves_bang"]

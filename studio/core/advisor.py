@@ -1055,11 +1055,14 @@ def rule_results(sources: list[dict], text: str) -> tuple[dict[str, float], floa
 
 
 def broken_rules(sources: list[dict], scores: dict[str, float]) -> list[str]:
+    """The rules a sample clearly fails, as the reward sees them: a rule with a negative weight is
+    one the reward wants broken (a penalty turned into "more of this phrase is better"), so missing
+    what it counts is the violation; a rule with zero weight never counts."""
     from . import rewards
 
     parsed = [rewards.source_from_json(s) for s in sources]
     return [name for name, source in zip(rewards.source_names(parsed), parsed)
-            if name in scores and scores[name] < violation_threshold(source)]
+            if name in scores and source.weight * (scores[name] - violation_threshold(source)) < 0]
 
 
 def gather_base(db, sources: list[dict]) -> tuple[list[BaseSample], list[str]]:
