@@ -29,6 +29,11 @@ EXPECTED = {
     # from step 1; answers barely change. After 20 flat steps: nothing to shape, and the base's 5 list
     # answers in 36 samples (14%, [7%, 26%]) straddle the 20% bar, so it asks for more base samples.
     "clean_start.json": ["keep_ppo"] * 4 + ["need_evidence"] * 2,
+    # +1 per "!" (a forbid regex at weight -1), default settings, 48 steps: 4 of 144 base samples have
+    # a "!", so most steps' 8 rollouts score 0 and PPO has nothing to follow; the answers never gain
+    # a "!" (eval reward 0.00 at every checkpoint). The base fails what the reward asks on 97% of
+    # samples, so the stage is still PPO; from step 32, "not shaping anything yet" (next test).
+    "sparse_exclamation.json": ["keep_ppo"] * 6,
 }
 
 
@@ -72,3 +77,12 @@ def test_the_walkthrough_run_switches_from_its_step_12_checkpoint_not_the_base()
     steps = {c.checkpoint_id: c.step for c in evidence.run.checkpoints}
     assert advice.verdict == "switch_now" and steps[advice.checkpoint_id] == 12
     assert any("finished sentence" in reason for reason in advice.intended)
+
+
+def test_a_sparse_reward_that_never_moves_is_called_flat_not_shaping():
+    evidence = evidence_from_history(json.loads((HISTORIES / "sparse_exclamation.json").read_text(encoding="utf-8")))
+    explanations = [advisor.advise(replace(evidence, run=at_checkpoint(evidence.run, k))).explanation
+                    for k in range(1, len(evidence.run.checkpoints) + 1)]
+    flat = [e.startswith("PPO is not shaping anything yet: reward flat since step 1") for e in explanations]
+    assert flat == [False] * 3 + [True] * 3  # steps 8-24: too few steps to tell; 32-48: flat
+    assert "check the reward" in explanations[-1]
