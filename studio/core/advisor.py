@@ -542,13 +542,19 @@ def reward_gain_signals(run: RunEvidence, step: int, length: int, tolerance: str
     kl_by_step = dict(zip(*run.kl))
 
     def reward_per_kl(points: Series) -> Estimate | None:
-        pairs = [(kl_by_step[s], r) for s, r in zip(*points) if s in kl_by_step]
-        return robust_slope([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+        """Reward against KL across the window's steps: a price of reward in KL only while KL is
+        clearly being spent. With KL level, the fit measures how one batch's reward and KL co-vary
+        (a real walkthrough run read 167% "now vs early" on a flat KL), not a rate of gain."""
+        pairs = [(s, kl_by_step[s], r) for s, r in zip(*points) if s in kl_by_step]
+        kl_trend = robust_slope([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+        if kl_trend is None or kl_trend.value - kl_trend.se <= 0:
+            return None
+        return robust_slope([p[1] for p in pairs], [p[2] for p in pairs])
 
     estimates["gain_per_kl"] = gain_ratio(reward_per_kl(now_reward), reward_per_kl(early_reward),
                                           THRESHOLDS["gain_per_kl"][tolerance])
     notes["gain_per_kl"] = ("reward bought per nat of KL now vs early" if estimates["gain_per_kl"] else
-                            "not measurable: no KL metric, KL not moving, or no early gain")
+                            "not measurable: no KL metric, KL not clearly growing in a window, or no early gain")
     return estimates, notes
 
 
@@ -710,8 +716,30 @@ def run_signals(run: RunEvidence, measured: list[Measures], intent: Intent, tole
         estimate = latest.estimates[key]
         intended = intended_reason(key, estimate, intent)
         detail = latest.notes.get(key) or side_effect_detail(key, estimate, run.start_label)
-        signals.append(make_signal(key, estimate, tolerance, detail, history, intended))
+        signal = make_signal(key, estimate, tolerance, detail, history, intended)
+        since = latched_since(measured, key, tolerance) if key in DAMAGE_SIGNALS and not intended else None
+        if not signal.fires and since is not None:
+            signal.fires = True
+            signal.detail += (f"; fired at step {since} and still past the threshold, so it stays on until "
+                              f"it falls back below it")
+        signals.append(signal)
     return signals
+
+
+def latched_since(measured: list[Measures], key: str, tolerance: str) -> int | None:
+    """A damage alarm is released only when the value falls back under its threshold, not when a
+    noisy window merely widens its interval: a real run at KL 0.50-0.57 nats per token fired at two
+    checkpoints, then read 0.575 [0.208, 0.941] and went back to "keep shaping". Returns the step of
+    the checkpoint where the signal last fired, when every checkpoint since is still past the
+    threshold (point value); else None."""
+    threshold = THRESHOLDS[key][tolerance]
+    for m in reversed(measured):
+        estimate = m.estimates[key]
+        if fires(key, estimate, threshold):
+            return m.checkpoint.step
+        if not crosses(key, estimate.value if estimate else None, threshold):
+            return None
+    return None
 
 
 def intended_reason(key: str, estimate: Estimate | None, intent: Intent) -> str:
