@@ -353,19 +353,20 @@ def sample_and_score(prompts: list, seeds: list[int], group_size: int,
     mine = distributed.shard_groups(len(prompts), group_size)
     generations = generate([prompts[i] for i in mine], [seeds[i] for i in mine]) if mine else []
     generated = time.perf_counter()
-    rows = []
+    rows = []  # (generation, total reward, each source's score) per row
     if mine:
         total, breakdown = reward_function([prompts[i] for i in mine], [g.text for g in generations])
-        per_source = zip(*(scores.tolist() for scores in breakdown.values()))
-        rows = list(zip(generations, total.tolist(), per_source))
+        sources = [scores.tolist() for scores in breakdown.values()]
+        rows = [(g, reward, [scores[k] for scores in sources])
+                for k, (g, reward) in enumerate(zip(generations, total.tolist()))]
     shares = distributed.all_gather_object((mine, rows))
     batch = [None] * len(prompts)
     for indices, share in shares:
         for index, row in zip(indices, share):
             batch[index] = row
-    generations, totals, per_source = zip(*batch)
-    breakdown = {name: torch.tensor(scores) for name, scores in zip(reward_function.names, zip(*per_source))}
-    return StepSample(make_rollout(prompts, list(generations), pad_id, device), torch.tensor(totals), breakdown,
+    breakdown = {name: torch.tensor([row[2][j] for row in batch]) for j, name in enumerate(reward_function.names)}
+    return StepSample(make_rollout(prompts, [row[0] for row in batch], pad_id, device),
+                      torch.tensor([row[1] for row in batch]), breakdown,
                       max(len(indices) for indices, _ in shares), generated - started)
 
 
