@@ -95,7 +95,8 @@ def split(bundle: Path) -> list[int]:
 
 
 def shaping_bundle(project, tmp_path, method: str, settings: dict) -> tuple[Path, Path]:
-    """A 3-step run of `method` on 7 prompts, trained in one process; (that bundle, a fresh copy)."""
+    """A run of `method` (3 steps unless `settings` say otherwise) on 7 prompts, trained in one process;
+    (that bundle, a fresh copy)."""
     store.add_dataset(project.db, "prompts", "prompts", [{"prompt": f"Say {i}."} for i in range(7)])
     config = runs.make_config(method, {"max_steps": 3, "checkpoint_every": 3, "eval_max_new_tokens": 2,
                                        "learning_rate": 1e-3, "temperature": 1.0, **settings})
@@ -105,17 +106,32 @@ def shaping_bundle(project, tmp_path, method: str, settings: dict) -> tuple[Path
     return single, double
 
 
-def test_ppo_two_processes_equal_one_step_by_step(project, tmp_path):
+def test_ppo_two_processes_equal_one_step_by_step_and_survive_kill_9(project, tmp_path):
     # 5 prompts per step over 2 ranks (3 + 2), 2 minibatches, 2 PPO epochs, rule rewards, normalised.
+    steps = 4
     single, double = shaping_bundle(project, tmp_path, "ppo", {
         "prompts_per_step": 5, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 6,
-        "reward_normalization": True})
+        "reward_normalization": True, "max_steps": steps, "checkpoint_every": 1})
+    killed = shutil.copytree(double, tmp_path / "killed")
     finish(launch(double, TORCHRUN))
     expected = step_metrics(single)
-    assert_same_steps(step_metrics(double), expected, steps=3)
+    assert_same_steps(step_metrics(double), expected, steps=steps)
     assert json.loads((double / "run" / "status.json").read_text())["processes"] == 2
-    assert (split(single), split(double)) == ([5] * 3, [3] * 3)  # rank 0 sampled 3 of the 5 rollouts
+    assert (split(single), split(double)) == ([5] * steps, [3] * steps)  # rank 0 sampled 3 of the 5 rollouts
     assert abs(expected[-1]["objective/kl"]) > 1e-6  # the policy moved: not a comparison of untrained copies
+
+    # Killed after a trained checkpoint: value head, KL controller, reward normaliser and RNG resume on both ranks.
+    process = launch(killed, TORCHRUN)
+    deadline = time.monotonic() + 300
+    while (not any(e["step"] >= 1 for e in bundles.read_jsonl(killed / "run" / "checkpoints.jsonl"))
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = [entry["step"] for entry in bundles.read_jsonl(killed / "run" / "checkpoints.jsonl")]
+    assert 1 <= saved[-1] < steps
+    finish(launch(killed, TORCHRUN))
+    assert_same_steps(step_metrics(killed), expected, steps=steps)
 
 
 @pytest.mark.parametrize("method, settings", [
