@@ -3,7 +3,7 @@
     .venv/bin/python bench/ddp_cpu.py                          # DPO, the demo model, 8 steps of 4 pairs (minutes)
     .venv/bin/python bench/ddp_cpu.py --model tiny --steps 12  # the tiny random model
     .venv/bin/python bench/ddp_cpu.py --method ppo --model tiny  # PPO: 4 rollouts per step (2 per process)
-    .venv/bin/python bench/ddp_cpu.py --smoke                  # DPO, tiny, 2 steps (a test runs it)
+    .venv/bin/python bench/ddp_cpu.py --smoke [--method ppo]   # tiny, 2 steps (a test runs both)
 
 One bundle, copied twice: `studio run-bundle` in one process, and `torchrun --nproc_per_node 2 -m
 studio run-bundle` (each process 1 torch thread). Prints the median seconds per step of each and the
