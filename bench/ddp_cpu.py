@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-COMPARED = {"dpo": ("loss", "rewards/margins", "grad_norm"), "ppo": ("loss/policy_avg", "objective/scores", "objective/kl"),
+COMPARED = {"dpo": ("loss", "rewards/margins", "grad_norm"),
+            "ppo": ("loss/policy_avg", "objective/scores", "objective/kl"),
             "grpo": ("loss", "reward", "kl"), "rloo": ("loss", "reward", "kl")}
 SETTINGS = {"dpo": {"batch_size": 4, "max_length": 1024},
             "ppo": {"prompts_per_step": 4, "max_new_tokens": 24},

@@ -3,8 +3,8 @@
 Every rank runs the same engine on the same data with the same seed, so every rank holds the same
 weights. Each step, a rank computes the loss of its share of the step's samples, scaled to its part
 of the whole step (DPO: divided by the step's pair count; PPO: weighted by its share of each
-minibatch's tokens; GRPO/RLOO: normalised by the whole batch's totals); summing the ranks' gradients then gives exactly the one-process gradient,
-whatever the number of processes. That sum is DDP's gradient all-reduce (DDP divides by the world
+minibatch's tokens; GRPO/RLOO: normalised by the whole batch's totals); summing the ranks'
+gradients then gives exactly the one-process gradient, whatever the number of processes. That sum is DDP's gradient all-reduce (DDP divides by the world
 size; our losses are already scaled, so we sum). The engines call it here directly rather than
 through ``DistributedDataParallel``'s forward hooks, because DPO's forward runs the transformer body
 and the LM head separately. Metrics are summed over ranks the same way. Rank 0 alone writes
