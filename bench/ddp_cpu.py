@@ -1,14 +1,16 @@
-"""Data-parallel DPO on the CPU (gloo): 2 processes against 1 at the same global batch.
+"""Data-parallel training on the CPU (gloo): 2 processes against 1 at the same global batch.
 
-    .venv/bin/python bench/ddp_cpu.py                          # the demo model, 8 steps of 4 pairs (minutes)
+    .venv/bin/python bench/ddp_cpu.py                          # DPO, the demo model, 8 steps of 4 pairs (minutes)
     .venv/bin/python bench/ddp_cpu.py --model tiny --steps 12  # the tiny random model
-    .venv/bin/python bench/ddp_cpu.py --smoke                  # tiny, 2 steps (a test runs it)
+    .venv/bin/python bench/ddp_cpu.py --method ppo --model tiny  # PPO: 4 rollouts per step (2 per process)
+    .venv/bin/python bench/ddp_cpu.py --smoke [--method ppo]   # tiny, 2 steps (a test runs both)
 
 One bundle, copied twice: `studio run-bundle` in one process, and `torchrun --nproc_per_node 2 -m
 studio run-bundle` (each process 1 torch thread). Prints the median seconds per step of each and the
-ratio 2-process / 1-process (the reference), and the largest difference between their per-step
-losses and reward margins, which should be float noise: the point of the data-parallel path is
-equal results; on 2 shared cores little speed-up is expected.
+ratio 2-process / 1-process (the reference), and the largest difference between three of their
+per-step metrics, which should be float noise: the point of the data-parallel path is equal
+results; on 2 shared cores little speed-up is expected. PPO, GRPO and RLOO (4 prompts per step;
+GRPO/RLOO 2 completions each) split the sampling too: the bench prints the rollouts each process sampled.
 """
 
 import argparse
@@ -25,7 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_bundle(folder: Path, tiny: bool, steps: int) -> Path:
+COMPARED = {"dpo": ("loss", "rewards/margins", "grad_norm"),
+            "ppo": ("loss/policy_avg", "objective/scores", "objective/kl"),
+            "grpo": ("loss", "reward", "kl"), "rloo": ("loss", "reward", "kl")}
+SETTINGS = {"dpo": {"batch_size": 4, "max_length": 1024},
+            "ppo": {"prompts_per_step": 4, "max_new_tokens": 24},
+            "grpo": {"prompts_per_step": 2, "num_generations": 2, "max_completion_length": 24},
+            "rloo": {"prompts_per_step": 2, "num_generations": 2, "max_completion_length": 24}}
+
+
+def make_bundle(folder: Path, method: str, tiny: bool, steps: int) -> Path:
     from studio.core import bundles, runs, store
 
     if tiny:
@@ -35,10 +46,11 @@ def make_bundle(folder: Path, tiny: bool, steps: int) -> Path:
     else:
         base = {"kind": "demo"}
     project = store.Project.create(folder / "project", base_model=base)
-    pairs = [json.loads(line) for line in (ROOT / "resources" / "demo" / "preference_pairs.jsonl").read_text().splitlines()]
-    store.add_dataset(project.db, "pairs", "preference", pairs)
-    config = runs.make_config("dpo", {"max_steps": steps, "checkpoint_every": 1000,
-                                      "batch_size": 4, "max_length": 1024, "eval_max_new_tokens": 2})
+    name, kind = ("preference_pairs", "preference") if method == "dpo" else ("prompts", "prompts")
+    rows = [json.loads(line) for line in (ROOT / "resources" / "demo" / f"{name}.jsonl").read_text().splitlines()]
+    store.add_dataset(project.db, name, kind, rows)
+    config = runs.make_config(method, {"max_steps": steps, "checkpoint_every": 1000, "eval_max_new_tokens": 2,
+                                       **SETTINGS[method]})
     run_id = runs.create_run(project.db, config)
     project.close()
     return bundles.make_bundle(folder / "project", run_id, folder / "bundle")
@@ -59,21 +71,26 @@ def run(bundle: Path, processes: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="--model tiny --steps 2")
+    parser.add_argument("--method", choices=list(COMPARED), default="dpo")
     parser.add_argument("--model", choices=["demo", "tiny"], default="demo")
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     if args.smoke:
         args.model, args.steps = "tiny", 2
     with tempfile.TemporaryDirectory(prefix="ddp-cpu-") as tmp:
-        bundle = make_bundle(Path(tmp), args.model == "tiny", args.steps)
+        bundle = make_bundle(Path(tmp), args.method, args.model == "tiny", args.steps)
         one = run(shutil.copytree(bundle, Path(tmp) / "one"), 1)
         two = run(shutil.copytree(bundle, Path(tmp) / "two"), 2)
     single = statistics.median(r["step_seconds"] for r in one)
     double = statistics.median(r["step_seconds"] for r in two)
     differences = {name: max(abs(a[name] - b[name]) for a, b in zip(one, two))
-                   for name in ("loss", "rewards/margins", "grad_norm")}
-    print(f"model: {'tiny random' if args.model == 'tiny' else 'demo'}, {len(one)} steps of 4 pairs, fp32, "
-          "1 thread per process")
+                   for name in COMPARED[args.method]}
+    unit = "pairs" if args.method == "dpo" else "rollouts"
+    print(f"{args.method}, model: {'tiny random' if args.model == 'tiny' else 'demo'}, {len(one)} steps of 4 {unit}, "
+          "fp32, 1 thread per process")
+    if args.method != "dpo":
+        print(f"rollouts sampled per step by one process: {one[0]['rollouts_per_process']} (1 process), "
+              f"{two[0]['rollouts_per_process']} (2 processes)")
     print(f"1 process:   {single:.3f} s/step (median)  [reference]")
     print(f"2 processes: {double:.3f} s/step (median)  ratio {double / single:.2f}x of 1 process")
     print("largest per-step difference, 2 vs 1 process: " +

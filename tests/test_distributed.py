@@ -1,5 +1,6 @@
-"""Data-parallel DPO on the CPU (gloo): two processes (torchrun, accelerate launch) give, step by step,
-what one process gives, also after a kill -9."""
+"""Data-parallel training on the CPU (gloo): two processes (torchrun, accelerate launch) give, step by
+step, what one process gives, also after a kill -9. DPO splits each batch's pairs; PPO, GRPO and RLOO
+split each step's sampling and scoring (each process reports the rollouts it sampled) and the passes."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from studio.core import bundles, runs, store
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"tokens_per_second", "step_seconds", "memory/peak_mb", "time"}
+SPLIT = "rollouts_per_process"  # the one metric that must differ: the most rollouts one process sampled
 MAX_STEPS = 6
 
 
@@ -50,7 +52,7 @@ def finish(process: subprocess.Popen) -> None:
 
 
 def step_metrics(bundle: Path) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMING and not k.startswith("time/")}
+    return [{k: v for k, v in record.items() if k not in TIMING | {SPLIT} and not k.startswith("time/")}
             for record in bundles.read_jsonl(bundle / "run" / "metrics.jsonl")]
 
 
@@ -88,17 +90,63 @@ def test_two_processes_equal_one_step_by_step_and_survive_kill_9(bundle, tmp_pat
     assert [e["step"] for e in bundles.read_jsonl(killed / "run" / "checkpoints.jsonl")][-1] == MAX_STEPS
 
 
-def test_ppo_two_processes_equal_one_step_by_step(project, tmp_path):
+def split(bundle: Path) -> list[int]:
+    return [record[SPLIT] for record in bundles.read_jsonl(bundle / "run" / "metrics.jsonl")]
+
+
+def shaping_bundle(project, tmp_path, method: str, settings: dict) -> tuple[Path, Path]:
+    """A run of `method` (3 steps unless `settings` say otherwise) on 7 prompts, trained in one process;
+    (that bundle, a fresh copy)."""
     store.add_dataset(project.db, "prompts", "prompts", [{"prompt": f"Say {i}."} for i in range(7)])
-    # 5 prompts per step over 2 ranks (3 + 2), 2 minibatches, 2 PPO epochs, rule rewards.
-    config = runs.make_config("ppo", {"max_steps": 3, "checkpoint_every": 3, "eval_max_new_tokens": 2,
-                                      "prompts_per_step": 5, "num_minibatches": 2, "ppo_epochs": 2,
-                                      "max_new_tokens": 6, "learning_rate": 1e-3, "temperature": 1.0})
+    config = runs.make_config(method, {"max_steps": 3, "checkpoint_every": 3, "eval_max_new_tokens": 2,
+                                       "learning_rate": 1e-3, "temperature": 1.0, **settings})
     bundle = bundles.make_bundle(project.path, runs.create_run(project.db, config), tmp_path / "bundle")
     single, double = (shutil.copytree(bundle, tmp_path / name) for name in ("one", "two"))
     assert bundles.run_bundle(single) == "completed"
+    return single, double
+
+
+def test_ppo_two_processes_equal_one_step_by_step_and_survive_kill_9(project, tmp_path):
+    # 5 prompts per step over 2 ranks (3 + 2), 2 minibatches, 2 PPO epochs, rule rewards, normalised.
+    steps = 4
+    single, double = shaping_bundle(project, tmp_path, "ppo", {
+        "prompts_per_step": 5, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 6,
+        "reward_normalization": True, "max_steps": steps, "checkpoint_every": 1})
+    killed = shutil.copytree(double, tmp_path / "killed")
+    finish(launch(double, TORCHRUN))
+    expected = step_metrics(single)
+    assert_same_steps(step_metrics(double), expected, steps=steps)
+    assert json.loads((double / "run" / "status.json").read_text())["processes"] == 2
+    assert (split(single), split(double)) == ([5] * steps, [3] * steps)  # rank 0 sampled 3 of the 5 rollouts
+    assert abs(expected[-1]["objective/kl"]) > 1e-6  # the policy moved: not a comparison of untrained copies
+
+    # Killed after a trained checkpoint: value head, KL controller, reward normaliser and RNG resume on both ranks.
+    process = launch(killed, TORCHRUN)
+    deadline = time.monotonic() + 300
+    while (not any(e["step"] >= 1 for e in bundles.read_jsonl(killed / "run" / "checkpoints.jsonl"))
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = [entry["step"] for entry in bundles.read_jsonl(killed / "run" / "checkpoints.jsonl")]
+    assert 1 <= saved[-1] < steps
+    finish(launch(killed, TORCHRUN))
+    assert_same_steps(step_metrics(killed), expected, steps=steps)
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("grpo", {"scale_rewards": "batch", "loss_type": "grpo"}),
+    ("rloo", {"normalize_advantages": True}),
+])
+def test_critic_free_two_processes_equal_one_step_by_step(project, tmp_path, method, settings):
+    # 3 prompts x 2 completions: whole groups per rank (2 groups + 1), batch-wide reward scaling or
+    # advantage normalisation, 2 chunks of 3 rows, 2 optimizer steps per batch, the KL to the reference.
+    single, double = shaping_bundle(project, tmp_path, method, {
+        "prompts_per_step": 3, "num_generations": 2, "max_completion_length": 6, "num_minibatches": 2,
+        "num_iterations": 2, "learning_rate": 1e-2, **settings})
     finish(launch(double, TORCHRUN))
     expected = step_metrics(single)
     assert_same_steps(step_metrics(double), expected, steps=3)
-    assert json.loads((double / "run" / "status.json").read_text())["processes"] == 2
-    assert abs(expected[-1]["objective/kl"]) > 1e-6  # the policy moved: not a comparison of untrained copies
+    assert (split(single), split(double)) == ([6] * 3, [4] * 3)
+    assert any(record["reward_std"] > 0 for record in expected)  # advantages that are not all 0
+    assert abs(expected[-1]["kl"]) > 1e-6  # the policy moved (RLOO's k1 estimate can be negative)

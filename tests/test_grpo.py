@@ -240,7 +240,9 @@ def test_chunked_updates_equal_one_whole_batch_update(project, method):
         metrics = engine.train_step(0)
         results.append((metrics, [p.detach().clone() for p in engine.parameters]))
     (one, one_parameters), (three, three_parameters) = results
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one_parameters, three_parameters))
+    # Adam divides each gradient by its own size, so summation-order noise in a near-zero gradient
+    # entry moves it by up to ~1e-5 here: a thousandth of one update (lr 1e-2).
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one_parameters, three_parameters))
     assert three["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
     assert any(not torch.equal(p, torch.zeros_like(p)) for p in one_parameters)
 
@@ -262,9 +264,8 @@ def test_first_iteration_is_on_policy_and_later_ones_are_not(project, method, mo
 def test_truncated_completions_count_for_nothing_when_masked(project):
     add_prompts(project)
     engine = make_engine(project, "grpo", mask_truncated_completions=True, max_completion_length=4)
-    torch.manual_seed(0)
-    rollout = ppo.sample_rollout(engine.model, engine.tokenizer, ["Q1:"] * 6, 4, 1.0, 1.0,
-                                         engine.stop_ids, "cpu")
+    prompts = ["Q1:"] * 6
+    rollout = ppo.make_rollout(prompts, engine.generate(prompts, list(range(6))), engine.tokenizer.pad_token_id, "cpu")
     rollout.finished = torch.tensor([True, False, True, False, False, False])
     mask = engine.loss_mask(rollout)
     assert mask[[1, 3, 4, 5]].sum() == 0 and torch.equal(mask[[0, 2]], rollout.mask[[0, 2]])

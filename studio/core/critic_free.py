@@ -5,7 +5,11 @@ Each step:
 
 1. **Rollout**: ``prompts_per_step`` prompts, each repeated ``num_generations`` times in a row (a
    group, as TRL's RepeatSampler lays them out), sampled in one batch with PPO's rollout function
-   (``ppo.sample_rollout``: the KV-cache loop of ``generation.sample``, masks from lengths).
+   (``ppo.sample_and_score``: the KV-cache loop of ``generation.sample``, masks from lengths,
+   each completion's random numbers seeded from (run seed, step, its row)). Data-parallel, each
+   process samples and scores whole groups (every N-th prompt), and every process gets the whole
+   batch back, so the batch-wide numbers (``scale_rewards="batch"``, normalised advantages, the
+   metrics) are the one-process ones; the forward and backward passes are split by rows of each chunk.
 2. **Score**: the reward sources score each completion (their weighted sum is the reward); the
    reference (the same model with its adapter disabled) gives per-token log-probs when ``beta`` > 0.
 3. **Advantages**: one number per completion, from its group; the engine module says how.
@@ -32,11 +36,11 @@ from typing import NamedTuple
 import torch
 
 from . import distributed, rewards
-from .generation import stop_token_ids
+from .generation import Generation, stop_token_ids
 from .progress import Progress, ignore
-from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, run_prompts,
-                  sample_rollout, saved_prompt_ids, select_data)
-from .runs import ConfigError, TrainConfig, make_optimizer, peak_memory_mb
+from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, rollout_seed,
+                  run_prompts, sample_and_score, sample_generations, saved_prompt_ids, select_data, sharded_logprobs)
+from .runs import TrainConfig, make_optimizer, peak_memory_mb
 
 
 # --- the maths every critic-free engine uses --------------------------------------------------
@@ -145,9 +149,6 @@ class Engine:
 
     def __init__(self, config: Config, policy, tokenizer, data, device: str, run_dir: Path,
                  on_progress: Progress = ignore) -> None:
-        if distributed.world_size() > 1:
-            raise ConfigError("GRPO and RLOO train in one process for now: launch the bundle without "
-                              "torchrun / accelerate (DPO and PPO run data-parallel)")
         self.config, self.model, self.tokenizer, self.device = config, policy, tokenizer, device
         self.prompt_ids, self.prompts_by_id = run_prompts(data)  # the run's prompts, fixed when it starts
         self.stop_ids = stop_token_ids(tokenizer, policy)
@@ -173,14 +174,22 @@ class Engine:
 
     # -- rollout and scoring --
 
+    @torch.no_grad()
+    def generate(self, prompts: list, seeds: list[int]) -> list[Generation]:
+        config = self.config
+        return sample_generations(self.model, self.tokenizer, prompts, seeds, config.max_completion_length,
+                                  config.temperature, config.top_p, self.stop_ids, self.device)
+
     def chunks(self, rollout: Rollout) -> tuple[torch.Tensor, ...]:
         return torch.arange(len(rollout)).tensor_split(self.config.num_minibatches)
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """[completions, width] log-probs of the completions under the current model, chunk by chunk."""
-        return torch.cat([forward_responses(self.model, rollout, rows, self.config.temperature, self.device).logprobs
-                          for rows in self.chunks(rollout)])
+        """[completions, width] log-probs of the completions under the current model, chunk by chunk
+        (data-parallel: this rank's share of each chunk, the rest gathered)."""
+        return sharded_logprobs(
+            lambda rows: forward_responses(self.model, rollout, rows, self.config.temperature, self.device).logprobs,
+            rollout, self.config.num_minibatches, self.device)
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         """Under the reference (the adapter disabled); None when beta is 0 and nothing needs them."""
@@ -199,11 +208,17 @@ class Engine:
 
     def iterate(self, rollout: Rollout, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
                 advantages: torch.Tensor, mask: torch.Tensor) -> Iteration:
-        """One optimizer step: forward, loss and backward chunk by chunk, then clip and step."""
+        """One optimizer step: forward, loss and backward chunk by chunk, then clip and step.
+
+        The loss is normalised by totals over the whole batch, so the chunks' losses, and the ranks'
+        (each runs its share of every chunk), sum to the batch's: so do their gradients."""
         config = self.config
         batch = BatchSize(len(rollout), int(mask.sum()), config.max_completion_length)
-        logprobs, entropy_sum, loss_sum = torch.zeros(mask.shape, device=mask.device), 0.0, 0.0
-        for rows in self.chunks(rollout):
+        logprobs = torch.zeros(mask.shape, device=mask.device)
+        sums = torch.zeros(2, device=mask.device)  # the entropy over counted tokens, the loss
+        for rows in map(distributed.shard, self.chunks(rollout)):
+            if not len(rows):
+                continue
             forward = forward_responses(self.model, rollout, rows, config.temperature, self.device)
             old = forward.logprobs.detach() if old_logprobs is None else old_logprobs[rows]
             loss = self.loss(forward.logprobs, old, None if ref_logprobs is None else ref_logprobs[rows],
@@ -211,8 +226,11 @@ class Engine:
             loss.backward()
             logprobs[rows] = forward.logprobs.detach()
             with torch.no_grad():
-                entropy_sum += torch.where(mask[rows], entropy_from_logprobs(forward.vocab_logprobs), 0).sum().item()
-            loss_sum += loss.item()
+                entropy = torch.where(mask[rows], entropy_from_logprobs(forward.vocab_logprobs), 0).sum()
+                sums += torch.stack([entropy, loss.detach()])
+        distributed.sum_gradients(self.parameters)
+        distributed.all_reduce_sum(logprobs)
+        entropy_sum, loss_sum = distributed.all_reduce_sum(sums).tolist()
         torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -240,12 +258,10 @@ class Engine:
         started = time.perf_counter()
         indices = prompt_indices(config.seed, step, config.prompts_per_step, len(self.prompt_ids))
         prompts = [self.prompts_by_id[self.prompt_ids[i]] for i in indices for _ in range(config.num_generations)]
-        with torch.no_grad():
-            rollout = sample_rollout(self.model, self.tokenizer, prompts, config.max_completion_length,
-                                     config.temperature, config.top_p, self.stop_ids, self.device)
-        generated = time.perf_counter()
-        scores, breakdown = self.reward_function(rollout.prompts, rollout.texts)
-        scores = scores.to(self.device)
+        seeds = [rollout_seed(config.seed, step, row) for row in range(len(prompts))]
+        batch = sample_and_score(prompts, seeds, config.num_generations, self.generate, self.reward_function,
+                                 self.tokenizer.pad_token_id, self.device)
+        rollout, scores = batch.rollout, batch.rewards.to(self.device)
         ref_logprobs = self.reference_logprobs(rollout)
         scored = time.perf_counter()
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -254,13 +270,14 @@ class Engine:
         trained = time.perf_counter()
         return {
             **statistics,
-            **reward_statistics(scores.cpu(), breakdown, config.num_generations),
+            **reward_statistics(scores.cpu(), batch.breakdown, config.num_generations),
             **completion_statistics(rollout.lengths.cpu(), rollout.finished.cpu()),
             "learning_rate": learning_rate,
             "samples_seen": (step + 1) * len(rollout),
+            "rollouts_per_process": batch.most_per_process,
             "tokens_per_second": int(rollout.attention_mask.sum()) / (trained - started),
-            "time/generation": generated - started,
-            "time/scoring": scored - generated,
+            "time/generation": batch.generation_seconds,
+            "time/scoring": scored - started - batch.generation_seconds,
             "time/training": trained - scored,
             "memory/peak_mb": peak_memory_mb(self.device),
         }

@@ -3,12 +3,18 @@
 Every rank runs the same engine on the same data with the same seed, so every rank holds the same
 weights. Each step, a rank computes the loss of its share of the step's samples, scaled to its part
 of the whole step (DPO: divided by the step's pair count; PPO: weighted by its share of each
-minibatch's tokens); summing the ranks' gradients then gives exactly the one-process gradient,
-whatever the number of processes. That sum is DDP's gradient all-reduce (DDP divides by the world
+minibatch's tokens; GRPO/RLOO: normalised by the whole batch's totals); summing the ranks'
+gradients then gives exactly the one-process gradient, whatever the number of processes. That sum is DDP's gradient all-reduce (DDP divides by the world
 size; our losses are already scaled, so we sum). The engines call it here directly rather than
 through ``DistributedDataParallel``'s forward hooks, because DPO's forward runs the transformer body
 and the LM head separately. Metrics are summed over ranks the same way. Rank 0 alone writes
 checkpoints and metrics.
+
+The shaping engines (PPO, GRPO, RLOO) also split the sampling: each rank samples and scores its
+share of the step's prompts (``shard_groups``: a prompt's group of completions stays on one rank),
+with random numbers seeded per rollout row rather than drawn from one stream, and every rank gets
+the whole step's rollouts back (``all_gather_object``): the batch-wide statistics (advantage
+whitening, reward normalisation and scaling, metrics) are then computed whole, identically on every rank.
 
 In one process (no ``torch.distributed`` group) every function here is a no-op.
 """
@@ -33,6 +39,8 @@ def init_from_environment() -> bool:
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # NCCL's object collectives run on the current device: this process's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
 
@@ -67,6 +75,22 @@ def local_device(device: str) -> str:
 def shard(items: list) -> list:
     """This rank's share of a step's items: every world_size-th one, starting at its rank."""
     return items[rank()::world_size()]
+
+
+def shard_groups(count: int, group_size: int) -> list[int]:
+    """This rank's share of `count` rows made of groups of `group_size` adjacent rows: every
+    world_size-th group, whole (a group's rows stay on one rank)."""
+    return [group * group_size + row for group in shard(range(count // group_size)) for row in range(group_size)]
+
+
+def all_gather_object(value) -> list:
+    """[rank 0's value, rank 1's, ...] on every rank (pickled: for small Python objects)."""
+    dist = _dist()
+    if dist is None:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier() -> None:

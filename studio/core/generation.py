@@ -133,9 +133,11 @@ def prepacked_linears(model, batch_size: int):
             del layer.forward  # back to the class's forward
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of [rows, vocab] logits: greedy at temperature 0, otherwise sampled from
-    softmax(logits / temperature), cut to the nucleus of mass `top_p`, with the global RNG.
+    softmax(logits / temperature), cut to the nucleus of mass `top_p`, at `uniform` ([rows] numbers
+    in [0, 1)) or, without it, at numbers drawn from the global RNG.
 
     Sampling inverts the cumulative distribution at one uniform number per row: the same
     distribution as torch.multinomial, without its exponential draw over the whole vocabulary
@@ -149,20 +151,31 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0) ->
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the mass before them covers top_p already
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
     cumulative = probs.cumsum(-1)
-    point = torch.rand(len(probs), 1, device=probs.device) * cumulative[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(len(probs), device=probs.device)
+    point = uniform[:, None] * cumulative[:, -1:]
     return torch.searchsorted(cumulative, point, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
+
+
+def row_uniforms(seeds: list[int], count: int, device) -> torch.Tensor:
+    """[rows, count] uniform numbers in [0, 1), row i's from its own generator seeded with seeds[i]
+    (on the CPU, so every device gets the same numbers)."""
+    return torch.stack([torch.rand(count, generator=torch.Generator().manual_seed(seed))
+                        for seed in seeds]).to(device)
 
 
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: list[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
-           streamer=None) -> torch.Tensor:
+           streamer=None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """[rows, new tokens]: the continuations of left-padded prompts, decoded with the KV cache.
 
     A row that has emitted a stop token goes on with `pad_id`; decoding ends when every row has
     stopped or after `max_new_tokens`. Only `temperature` and `top_p` shape the distribution (as
     TRL's PPO sampling): defaults in the model's generation_config are not applied. A transformers
     streamer (one row) gets the prompt, then each token, then end(). The model must be in eval mode.
+    `uniforms` ([rows, max_new_tokens], from `row_uniforms`) fixes each row's random numbers, so a
+    row's tokens do not depend on the rows sampled beside it; without it the global RNG draws them.
 
     A plain decoding loop rather than `model.generate`: per step it does the model call and one
     draw, nothing else (generate's logits processors, stopping criteria and multinomial draw cost
@@ -187,7 +200,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         for step in range(max_new_tokens):
-            token = next_tokens(logits, temperature, top_p).masked_fill_(stopped, pad_id)
+            uniform = None if uniforms is None else uniforms[:, step]
+            token = next_tokens(logits, temperature, top_p, uniform).masked_fill_(stopped, pad_id)
             tokens.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())

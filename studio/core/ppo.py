@@ -6,7 +6,9 @@ ppo.py for the shape of this file). Each step:
 1. **Rollout**: sample one response per prompt from the policy (the model with its LoRA adapter),
    with the KV cache, at ``temperature`` / ``top_p``, up to ``max_new_tokens`` or the end-of-turn
    token. Everything after the first stop token is masked out (masks come from lengths: the pad
-   token is often the stop token).
+   token is often the stop token). Each response's random numbers come from its own generator,
+   seeded from (run seed, step, its row in the batch), so data-parallel processes can each sample
+   a share of the prompts and together give the one-process batch (``sample_and_score``).
 2. **Score**: the reward sources (``studio.core.rewards``) score each response; the reference
    (the same model with its adapter disabled) gives the log-probs the KL penalty is measured from.
 3. **Advantages**: per-token reward = the score at the last response token, minus ``kl_coef`` times
@@ -24,17 +26,18 @@ pass per step), so the probability ratio is exactly 1 on the first minibatch of 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from . import defaults, distributed, rewards, store
-from .generation import encode_prompt, left_pad, sample, stop_token_ids
+from .generation import Generation, encode_prompt, left_pad, row_uniforms, sample, stop_token_ids
 from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
@@ -295,23 +298,76 @@ class Rollout:
         return positions < self.lengths[:, None]
 
 
-def sample_rollout(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, top_p: float,
-                   stop_ids: list[int], device: str) -> Rollout:
-    """Sample one response per prompt with the global RNG (whose state every checkpoint holds).
+def rollout_seed(seed: int, step: int, row: int) -> int:
+    """The seed of the random numbers that sample row `row` of step `step`'s batch: a function of the
+    run's seed and the row's place in the batch, never of the process that samples it or of the rows
+    sampled beside it, so the batch is the same whatever the number of processes."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def sample_generations(model, tokenizer, prompts: list, seeds: list[int], max_new_tokens: int, temperature: float,
+                       top_p: float, stop_ids: list[int], device: str) -> list[Generation]:
+    """Sample one response per prompt, prompt i's with the random numbers of seeds[i].
     Log-probs are not taken from sampling but from `forward_responses`."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     prompt_ids, prompt_mask = left_pad(encoded, tokenizer.pad_token_id, device)
     with autocast(device):
         generated = sample(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, tokenizer.pad_token_id,
-                           temperature, top_p)
+                           temperature, top_p, uniforms=row_uniforms(seeds, max_new_tokens, device))
     lengths, finished = response_lengths(generated, stop_ids)
-    responses = generated[:, :int(lengths.max())]
+    responses = [row[:n] for row, n in zip(generated.tolist(), lengths.tolist())]
+    return [Generation(tokenizer.decode(response, skip_special_tokens=True), ids, response, done)
+            for ids, response, done in zip(encoded, responses, finished.tolist())]
+
+
+def make_rollout(prompts: list, generations: list[Generation], pad_id: int, device: str) -> Rollout:
+    """The batch of `generations` (of `prompts`): prompts left-padded, responses right-padded."""
+    prompt_ids, prompt_mask = left_pad([g.prompt_ids for g in generations], pad_id, device)
+    lengths = torch.tensor([len(g.response_ids) for g in generations], device=device)
+    responses = torch.full((len(generations), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, generation in enumerate(generations):
+        responses[row, :len(generation.response_ids)] = torch.tensor(generation.response_ids)
     response_mask = torch.arange(responses.shape[1], device=device) < lengths[:, None]
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True)
-             for row, n in zip(responses.tolist(), lengths.tolist())]
-    return Rollout(prompts, torch.cat([prompt_ids, responses], dim=1),
-                   torch.cat([prompt_mask, response_mask.long()], dim=1), prompt_ids.shape[1],
-                   lengths, finished, texts)
+    return Rollout(prompts, torch.cat([prompt_ids, responses.to(device)], dim=1),
+                   torch.cat([prompt_mask, response_mask.long()], dim=1), prompt_ids.shape[1], lengths,
+                   torch.tensor([g.finished for g in generations], device=device), [g.text for g in generations])
+
+
+class StepSample(NamedTuple):
+    """A step's rollouts and their rewards, whole, on every rank."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # [batch] the reward sources' weighted total
+    breakdown: dict[str, torch.Tensor]  # each source's raw scores
+    most_per_process: int  # the most rows one process sampled and scored
+    generation_seconds: float  # this process's sampling
+
+
+def sample_and_score(prompts: list, seeds: list[int], group_size: int,
+                     generate: Callable[[list, list[int]], list[Generation]],
+                     reward_function: rewards.RewardFunction, pad_id: int, device: str) -> StepSample:
+    """This process samples and scores its share of the step's rows (whole groups of `group_size`
+    adjacent rows; all of them in one process), then every process gets every row back, in order."""
+    started = time.perf_counter()
+    mine = distributed.shard_groups(len(prompts), group_size)
+    generations = generate([prompts[i] for i in mine], [seeds[i] for i in mine]) if mine else []
+    generated = time.perf_counter()
+    rows = []  # (generation, total reward, each source's score) per row
+    if mine:
+        total, breakdown = reward_function([prompts[i] for i in mine], [g.text for g in generations])
+        sources = [scores.tolist() for scores in breakdown.values()]
+        rows = [(g, reward, [scores[k] for scores in sources])
+                for k, (g, reward) in enumerate(zip(generations, total.tolist()))]
+    shares = distributed.all_gather_object((mine, rows))
+    batch = [None] * len(prompts)
+    for indices, share in shares:
+        for index, row in zip(indices, share):
+            batch[index] = row
+    breakdown = {name: torch.tensor([row[2][j] for row in batch]) for j, name in enumerate(reward_function.names)}
+    return StepSample(make_rollout(prompts, [row[0] for row in batch], pad_id, device),
+                      torch.tensor([row[1] for row in batch]), breakdown,
+                      max(len(indices) for indices, _ in shares), generated - started)
 
 
 class ResponseForward(NamedTuple):
@@ -340,6 +396,18 @@ def forward_responses(model, rollout: Rollout, rows: torch.Tensor, temperature: 
     vocab_logprobs = torch.log_softmax(output.logits.float() / temperature, dim=-1)
     logprobs = vocab_logprobs.gather(-1, rollout.responses[rows].unsqueeze(-1)).squeeze(-1)
     return ResponseForward(output, predicting, logprobs, vocab_logprobs)
+
+
+def sharded_logprobs(forward: Callable[[torch.Tensor], torch.Tensor], rollout: Rollout, chunks: int,
+                     device: str) -> torch.Tensor:
+    """[batch, response width] log-probs of the whole rollout, `forward(rows)` giving those of rows
+    `rows`, in `chunks` chunks: this rank computes its share of each chunk, the others' arrive by an
+    all-reduce (the other rows are 0 on each rank until then)."""
+    logprobs = torch.zeros(rollout.responses.shape, device=device)
+    for rows in map(distributed.shard, torch.arange(len(rollout)).tensor_split(chunks)):
+        if len(rows):
+            logprobs[rows] = forward(rows)
+    return distributed.all_reduce_sum(logprobs)
 
 
 class ForwardOutput(NamedTuple):
@@ -385,30 +453,24 @@ class Engine:
     # -- rollout and scoring --
 
     @torch.no_grad()
-    def generate(self, prompts: list) -> Rollout:
+    def generate(self, prompts: list, seeds: list[int]) -> list[Generation]:
         config = self.config
-        return sample_rollout(self.model, self.tokenizer, prompts, config.max_new_tokens, config.temperature,
-                              config.top_p, self.stop_ids, self.device)
+        return sample_generations(self.model, self.tokenizer, prompts, seeds, config.max_new_tokens,
+                                  config.temperature, config.top_p, self.stop_ids, self.device)
 
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(scores used for training, the raw weighted total before normalisation and penalties,
-        each reward source's raw scores)."""
-        total, breakdown = self.reward_function(rollout.prompts, rollout.texts)
+    def score(self, rollout: Rollout, total: torch.Tensor) -> torch.Tensor:
+        """The scores used for training, from the reward sources' weighted total: normalised, clipped, penalised."""
         scores = self.normalizer(total).to(self.device)
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~rollout.finished).float()
-        return scores, total, breakdown
+        return scores
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """Log-probs of the responses under the reference: the same model with its adapter disabled."""
-        chunks = torch.arange(len(rollout)).tensor_split(self.config.num_minibatches)
-        logprobs = torch.zeros(rollout.responses.shape, device=self.device)
         with self.model.disable_adapter():
-            for rows in map(distributed.shard, chunks):  # this rank's rows; the others' arrive below
-                if len(rows):
-                    logprobs[rows] = self.forward(rollout, rows).logprobs
-        return distributed.all_reduce_sum(logprobs)
+            return sharded_logprobs(lambda rows: self.forward(rollout, rows).logprobs, rollout,
+                                    self.config.num_minibatches, self.device)
 
     # -- the update --
 
@@ -417,8 +479,9 @@ class Engine:
         config = self.config
         mask = rollout.mask
         epochs = [torch.randperm(len(rollout)).tensor_split(config.num_minibatches) for _ in range(config.ppo_epochs)]
-        # Data-parallel: every rank holds the whole rollout (same seed, same samples) and runs the
-        # forward passes of its share of each minibatch; the rest is computed whole on every rank.
+        # Data-parallel: every rank holds the whole rollout (each sampled its share; see
+        # `sample_and_score`) and runs the forward passes of its share of each minibatch; the rest
+        # is computed whole on every rank.
         mine = [[distributed.shard(rows) for rows in minibatches] for minibatches in epochs]
 
         # The first minibatch's forward pass serves twice: the policy has not moved yet, so it gives
@@ -492,9 +555,11 @@ class Engine:
         started = time.perf_counter()
         indices = prompt_indices(config.seed, step, config.prompts_per_step, len(self.prompt_ids))
         prompts = [self.prompts_by_id[self.prompt_ids[i]] for i in indices]
-        rollout = self.generate(prompts)
-        generated = time.perf_counter()
-        scores, raw_rewards, breakdown = self.score(rollout)
+        seeds = [rollout_seed(config.seed, step, row) for row in range(len(prompts))]
+        batch = sample_and_score(prompts, seeds, 1, self.generate, self.reward_function, self.tokenizer.pad_token_id,
+                                 self.device)
+        rollout = batch.rollout
+        scores = self.score(rollout, batch.rewards)
         ref_logprobs = self.reference_logprobs(rollout)
         scored = time.perf_counter()
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -505,15 +570,16 @@ class Engine:
         return {
             **statistics,
             # What the advisor judges: objective/scores is after normalisation, clipping and penalties.
-            "objective/raw_reward": raw_rewards.mean().item(),
-            **{f"reward/{name}": values.mean().item() for name, values in breakdown.items()},
+            "objective/raw_reward": batch.rewards.mean().item(),
+            **{f"reward/{name}": values.mean().item() for name, values in batch.breakdown.items()},
             "response_length_mean": rollout.lengths.float().mean().item(),
             "stop_token_rate": rollout.finished.float().mean().item(),
             "learning_rate": learning_rate,
             "samples_seen": (step + 1) * config.prompts_per_step,
+            "rollouts_per_process": batch.most_per_process,
             "tokens_per_second": tokens / (trained - started),
-            "time/generation": generated - started,
-            "time/scoring": scored - generated,
+            "time/generation": batch.generation_seconds,
+            "time/scoring": scored - started - batch.generation_seconds,
             "time/training": trained - scored,
             "memory/peak_mb": peak_memory_mb(self.device),
         }

@@ -652,6 +652,9 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
         engine = engine_module(config.method).Engine(config, policy, tokenizer, data, device, run_dir,
                                                                    on_progress)
         last = sink.last_checkpoint(log)
+        # Every rank has read which checkpoint to resume from before rank 0 may write the next one (a
+        # slower rank would otherwise see a fresh step-0 checkpoint and skip the barrier that saving it holds).
+        distributed.barrier()
         step = resume_from_checkpoint(last, engine) if last is not None else 0
         sink.discard_after(step)  # steps after it (or every step, before a first checkpoint) are redone
 

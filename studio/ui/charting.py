@@ -35,7 +35,7 @@ METRIC_GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("Throughput", ("tokens_per_second", "step_seconds", "time/generation", "time/scoring",
                     "time/training")),
     ("Memory", ("memory/peak_mb",)),
-    ("Progress", ("samples_seen", "epoch")),
+    ("Progress", ("samples_seen", "epoch", "rollouts_per_process")),
     ("Other", ()),
 ]
 GROUP_PREFIXES = {"reward/": "Reward", "rewards/": "Reward",  # per reward source: PPO reward/<s>, GRPO/RLOO rewards/<s>/*
@@ -64,6 +64,7 @@ METRIC_UNITS: dict[str, tuple[str, str | None]] = {
     "logps/chosen": ("log-prob (nats)", None),
     "logps/rejected": ("log-prob (nats)", None),
     "samples_seen": ("samples", None),
+    "rollouts_per_process": ("rollouts", None),
 }
 
 # x-axis choices: key -> axis label (text, SI unit or None).
@@ -342,7 +343,7 @@ class RunData:
 
 
 # Schedules and counters: nothing to average, and a smoothed learning rate would misstate the schedule.
-NOT_NOISY = {"learning_rate", "epoch", "samples_seen", "memory/peak_mb", "kl_coef"}
+NOT_NOISY = {"learning_rate", "epoch", "samples_seen", "memory/peak_mb", "kl_coef", "rollouts_per_process"}
 
 
 def is_noisy(metric: str) -> bool:
