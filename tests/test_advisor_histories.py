@@ -34,6 +34,18 @@ EXPECTED = {
     # a "!" (eval reward 0.00 at every checkpoint). The base fails what the reward asks on 97% of
     # samples, so the stage is still PPO; from step 32, "not shaping anything yet" (next test).
     "sparse_exclamation.json": ["keep_ppo"] * 6,
+    # The walkthrough's PPO run at today's defaults, 40 steps (2 Dec 2026), as it stood before its DPO
+    # run. Eval answers: reward 1.18 -> 1.80, 1.79, 1.84, 1.85 and rules broken 77% -> 17%, 17%, 10%, 8%
+    # at steps 10-40; the rollout reward's 10-step means 1.25, 1.53, 1.80, 1.77. Still moving at step 30
+    # (18% of words changed); at step 40 the reward has levelled off but its trailing slope (-34%
+    # [-105%, 37%] of the early rate) cannot yet be told from noise: keep shaping, check again.
+    "walkthrough_40_steps.json": ["keep_ppo"] * 4,
+    # The same at learning rate 1e-3 (base samples: the walkthrough's, same model, prompts and
+    # sources): by step 10 short finished answers that still answer ("To make a cup of tea ... boil,
+    # brew, and serve"); from step 20 generic one-liners that satisfy the reward without answering
+    # ("The art of crafting a cup of tea is a timeless craft ...", "The largest country by area is
+    # Antarctica."), KL 0.50-0.58 nats per token: switch, from step 10, at every later checkpoint.
+    "fast_one_liners.json": ["keep_ppo"] + ["switch_now"] * 3,
 }
 
 
@@ -86,3 +98,12 @@ def test_a_sparse_reward_that_never_moves_is_called_flat_not_shaping():
     flat = [e.startswith("PPO is not shaping anything yet: reward flat since step 1") for e in explanations]
     assert flat == [False] * 3 + [True] * 3  # steps 8-24: too few steps to tell; 32-48: flat
     assert "check the reward" in explanations[-1]
+
+
+def test_a_fast_run_switches_from_its_last_state_before_the_kl_budget_broke_and_stays_switched():
+    evidence = evidence_from_history(json.loads((HISTORIES / "fast_one_liners.json").read_text(encoding="utf-8")))
+    steps = {c.checkpoint_id: c.step for c in evidence.run.checkpoints}
+    for k in (2, 3, 4):  # step 40's KL window is noisy (0.575 [0.208, 0.941]): the alarm stays on
+        advice = advisor.advise(replace(evidence, run=at_checkpoint(evidence.run, k)))
+        assert advice.verdict == "switch_now" and steps[advice.checkpoint_id] == 10
+        assert "KL is" in advice.explanation
