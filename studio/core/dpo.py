@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults, distributed, store
-from .generation import is_conversational
+from .generation import chat_ids, check_chat_template, is_conversational
 from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
@@ -140,7 +140,7 @@ def validate(config: Config, db) -> list[str]:
     for row in rows:
         formats = {is_conversational(row[key]) for key in ("prompt", "chosen", "rejected")}
         if len(formats) > 1:
-            problems.append(f"pair {row.get('id', row.get('comparison_id'))} mixes chat messages and plain text")
+            problems.append(f"{pair_name(row)} mixes chat messages and plain text")
             break
     return problems
 
@@ -160,18 +160,17 @@ class TokenizedPair:
 
 
 def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
-    """Chat messages go through the chat template; plain text gets an EOS appended to each response.
+    """Chat messages go through the chat template, with the pair's function schemas ("tools") if it has
+    any; plain text gets an EOS appended to each response.
 
     The response starts where the tokenized prompt and prompt+response first differ (TRL's
     `common_prefix_length`), which is after the prompt unless tokens merge across the boundary.
     """
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
     if is_conversational(prompt):
-        def encode(messages, **kwargs):
-            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
-
-        prompt_ids = encode(prompt, add_generation_prompt=True)
-        chosen_ids, rejected_ids = encode(prompt + chosen), encode(prompt + rejected)
+        tools = pair.get("tools")
+        prompt_ids = chat_ids(tokenizer, prompt, tools, add_generation_prompt=True)
+        chosen_ids, rejected_ids = chat_ids(tokenizer, prompt + chosen, tools), chat_ids(tokenizer, prompt + rejected, tools)
     else:
         def encode(text):
             return tokenizer(text=text)["input_ids"]
@@ -183,6 +182,13 @@ def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
         chosen_ids, rejected_ids = encode(prompt + with_eos(chosen)), encode(prompt + with_eos(rejected))
     prompt_length = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
     return TokenizedPair(prompt_ids[:prompt_length], chosen_ids[prompt_length:], rejected_ids[prompt_length:])
+
+
+def pair_name(row: dict) -> str:
+    """Where a training pair comes from, for messages."""
+    if "comparison_id" in row:
+        return f"labelled comparison {row['comparison_id']}"
+    return f"dataset {row.get('dataset_id')}, pair {row.get('id')}"
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -203,6 +209,10 @@ def fit_pair(pair: TokenizedPair, max_prompt_length: int | None, max_length: int
 
 def tokenize_pairs(config: Config, tokenizer, rows: list[dict]) -> tuple[list[TokenizedPair], int]:
     """(the pairs that fit, how many were skipped because they do not fit max_length)."""
+    for row in rows:
+        if is_conversational(row["prompt"]):
+            for side in ("chosen", "rejected"):
+                check_chat_template(tokenizer, row["prompt"] + row[side], row.get("tools"), pair_name(row))
     fitted = [fit_pair(tokenize_pair(tokenizer, row), config.max_prompt_length, config.max_length) for row in rows]
     kept = [pair for pair in fitted if pair is not None]
     skipped = len(fitted) - len(kept)
