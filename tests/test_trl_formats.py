@@ -284,3 +284,33 @@ def test_prompts_with_tools_are_refused_with_what_to_do(tmp_path):
     loaded = datasets.load_file(write(tmp_path, [{"prompt": SKY, "tools": [GET_COLOR]}]))
     (error,) = loaded.errors
     assert error.field == "tools" and "preference pairs only" in error.message and "drop the column" in error.message
+
+
+def test_a_dpo_launch_on_a_template_without_tools_is_refused_naming_the_pairs(tmp_path, project):
+    from studio.core import runs
+
+    dataset_id = datasets.import_file(project.db, write(tmp_path, [TOOL_ROW] * 5))
+    first = store.pairs(project.db, [dataset_id])[0]["id"]
+    with pytest.raises(runs.ConfigError) as caught:
+        runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 1}))
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "Cannot start this run:"
+    assert lines[1].startswith(f"- dataset {dataset_id}, pair {first}, field 'tools': the model's chat template "
+                               "does not render function schemas")
+    assert lines[4:] == ["- ... and 2 more pairs like these"]  # three named, the rest counted
+
+
+def test_a_dpo_run_on_a_template_with_tools_trains_on_the_tool_pair(tmp_path, tiny_model_dir):
+    import shutil
+
+    from studio.core import runs
+
+    folder = tmp_path / "tools-model"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = tools_tokenizer()
+    tokenizer.save_pretrained(folder)
+    with store.Project.create(tmp_path / "p", base_model={"kind": "folder", "path": str(folder)}) as project:
+        datasets.import_file(project.db, write(tmp_path, [TOOL_ROW]))
+        run_id = runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 1, "eval_max_new_tokens": 2}))
+        assert runs.execute(project.path, run_id) == "completed"
+        assert store.run_metrics(project.db, run_id)["rewards/chosen"][0] == [1]  # the tool pair trained a step

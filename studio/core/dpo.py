@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults, distributed, store
-from .generation import chat_ids, check_chat_template, is_conversational
+from .errors import StudioError
+from .generation import ChatTemplateError, chat_ids, check_chat_template, is_conversational
 from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
@@ -142,7 +143,33 @@ def validate(config: Config, db) -> list[str]:
         if len(formats) > 1:
             problems.append(f"{pair_name(row)} mixes chat messages and plain text")
             break
-    return problems
+    return problems + tool_template_problems(db, [row for row in rows if row.get("tools")])
+
+
+SHOWN_TEMPLATE_PROBLEMS = 3
+
+
+def tool_template_problems(db, rows: list[dict]) -> list[str]:
+    """Before a launch: pairs with tools that the base model's chat template cannot render with them.
+
+    The tokenizer is loaded only when some pair has tools; a model that cannot be read is left to the
+    run to report."""
+    if not rows:
+        return []
+    from .models import ModelSource, load_tokenizer, resolve_folder
+
+    try:
+        tokenizer = load_tokenizer(resolve_folder(ModelSource.from_json(store.get_setting(db, "base_model"))))
+    except (StudioError, OSError, ValueError):
+        return []
+    problems = []
+    for row in rows:
+        try:
+            check_pair_template(tokenizer, row)
+        except ChatTemplateError as e:
+            problems.append(str(e))
+    more = len(problems) - SHOWN_TEMPLATE_PROBLEMS
+    return problems[:SHOWN_TEMPLATE_PROBLEMS] + ([f"... and {more} more pairs like these"] if more > 0 else [])
 
 
 # --- tokenisation, as TRL 1.16's DPOTrainer does it --------------------------------------------
@@ -184,6 +211,13 @@ def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
     return TokenizedPair(prompt_ids[:prompt_length], chosen_ids[prompt_length:], rejected_ids[prompt_length:])
 
 
+def check_pair_template(tokenizer, row: dict) -> None:
+    """Raise ChatTemplateError, naming the pair, when the chat template cannot render it with its tools."""
+    if is_conversational(row["prompt"]):
+        for side in ("chosen", "rejected"):
+            check_chat_template(tokenizer, row["prompt"] + row[side], row.get("tools"), pair_name(row))
+
+
 def pair_name(row: dict) -> str:
     """Where a training pair comes from, for messages."""
     if "comparison_id" in row:
@@ -210,9 +244,7 @@ def fit_pair(pair: TokenizedPair, max_prompt_length: int | None, max_length: int
 def tokenize_pairs(config: Config, tokenizer, rows: list[dict]) -> tuple[list[TokenizedPair], int]:
     """(the pairs that fit, how many were skipped because they do not fit max_length)."""
     for row in rows:
-        if is_conversational(row["prompt"]):
-            for side in ("chosen", "rejected"):
-                check_chat_template(tokenizer, row["prompt"] + row[side], row.get("tools"), pair_name(row))
+        check_pair_template(tokenizer, row)
     fitted = [fit_pair(tokenize_pair(tokenizer, row), config.max_prompt_length, config.max_length) for row in rows]
     kept = [pair for pair in fitted if pair is not None]
     skipped = len(fitted) - len(kept)
