@@ -526,6 +526,14 @@ def _feedback_record(raw: dict) -> tuple[dict | None, list["_Invalid"]]:
     return {"prompt": prompt, "completion": completion, "label": label}, []
 
 
+def has_tool_calls(pair: dict) -> bool:
+    """Whether a pair comes with function schemas or its responses call functions (an assistant
+    message with tool_calls, a tool result): what a single answer text cannot hold."""
+    responses = [pair[side] for side in ("chosen", "rejected") if isinstance(pair[side], list)]
+    return bool(pair.get("tools")) or any("tool_calls" in message or message["role"] == "tool"
+                                          for response in responses for message in response)
+
+
 def pair_feedback(feedback: list[dict]) -> tuple[list[dict], int]:
     """(preference pairs, rows left unpaired): within each prompt, the k-th good completion is paired
     with the k-th bad one, in file order; each row is in one pair at most."""
