@@ -300,17 +300,35 @@ def test_a_dpo_launch_on_a_template_without_tools_is_refused_naming_the_pairs(tm
     assert lines[4:] == ["- ... and 2 more pairs like these"]  # three named, the rest counted
 
 
-def test_a_dpo_run_on_a_template_with_tools_trains_on_the_tool_pair(tmp_path, tiny_model_dir):
+@pytest.fixture
+def tools_project(tmp_path, tiny_model_dir):
+    """A project on the tiny model with TOOLS_TEMPLATE as its chat template, and the TRL tool row imported."""
     import shutil
-
-    from studio.core import runs
 
     folder = tmp_path / "tools-model"
     shutil.copytree(tiny_model_dir, folder)
-    tokenizer = tools_tokenizer()
-    tokenizer.save_pretrained(folder)
+    tools_tokenizer().save_pretrained(folder)
     with store.Project.create(tmp_path / "p", base_model={"kind": "folder", "path": str(folder)}) as project:
         datasets.import_file(project.db, write(tmp_path, [TOOL_ROW]))
-        run_id = runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 1, "eval_max_new_tokens": 2}))
-        assert runs.execute(project.path, run_id) == "completed"
-        assert store.run_metrics(project.db, run_id)["rewards/chosen"][0] == [1]  # the tool pair trained a step
+        yield project
+
+
+def test_a_dpo_run_on_a_template_with_tools_trains_on_the_tool_pair(tools_project):
+    from studio.core import runs
+
+    project = tools_project
+    run_id = runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 1, "eval_max_new_tokens": 2}))
+    assert runs.execute(project.path, run_id) == "completed"
+    assert store.run_metrics(project.db, run_id)["rewards/chosen"][0] == [1]  # the tool pair trained a step
+
+
+def test_handoff_to_trl_keeps_each_pairs_tools_and_openrlhf_is_refused(tools_project, tmp_path):
+    from studio.core import handoff, runs
+
+    project = tools_project
+    run_id = runs.create_run(project.db, runs.make_config("dpo", {"max_steps": 1}))
+    script = handoff.export_job(project.path, run_id, "trl", tmp_path / "trl-dpo")
+    (row,) = [json.loads(line) for line in (script.parent / "data" / "train.jsonl").read_text().splitlines()]
+    assert json.loads(row["tools"]) == [GET_COLOR] and row["chosen"] == STORED_TOOL_PAIR["chosen"]
+    with pytest.raises(handoff.HandoffError, match="^OpenRLHF 0.11's preference data has no tools"):
+        handoff.export_job(project.path, run_id, "openrlhf", tmp_path / "openrlhf-dpo")
