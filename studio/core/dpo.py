@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults, distributed, store
+from .datasets import has_tool_calls
 from .errors import StudioError
 from .generation import ChatTemplateError, chat_ids, check_chat_template, is_conversational
 from .progress import Progress, ignore
@@ -143,16 +144,17 @@ def validate(config: Config, db) -> list[str]:
         if len(formats) > 1:
             problems.append(f"{pair_name(row)} mixes chat messages and plain text")
             break
-    return problems + tool_template_problems(db, [row for row in rows if row.get("tools")])
+    return problems + tool_template_problems(db, [row for row in rows if has_tool_calls(row)])
 
 
 SHOWN_TEMPLATE_PROBLEMS = 3
 
 
 def tool_template_problems(db, rows: list[dict]) -> list[str]:
-    """Before a launch: pairs with tools that the base model's chat template cannot render with them.
+    """Before a launch: pairs with tool calls that the base model's chat template cannot render (with
+    their tools).
 
-    The tokenizer is loaded only when some pair has tools; a model that cannot be read is left to the
+    The tokenizer is loaded only when some pair has tool calls; a model that cannot be read is left to the
     run to report."""
     if not rows:
         return []
@@ -243,7 +245,7 @@ def fit_pair(pair: TokenizedPair, max_prompt_length: int | None, max_length: int
 
 def tokenize_pairs(config: Config, tokenizer, rows: list[dict]) -> tuple[list[TokenizedPair], int]:
     """(the pairs that fit, how many were skipped because they do not fit max_length)."""
-    for row in rows:
+    for row in filter(has_tool_calls, rows):  # again: a queued run or a bundle may hold pairs never checked
         check_pair_template(tokenizer, row)
     fitted = [fit_pair(tokenize_pair(tokenizer, row), config.max_prompt_length, config.max_length) for row in rows]
     kept = [pair for pair in fitted if pair is not None]
