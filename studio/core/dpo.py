@@ -199,7 +199,8 @@ def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
     if is_conversational(prompt):
         tools = pair.get("tools")
         prompt_ids = chat_ids(tokenizer, prompt, tools, add_generation_prompt=True)
-        chosen_ids, rejected_ids = chat_ids(tokenizer, prompt + chosen, tools), chat_ids(tokenizer, prompt + rejected, tools)
+        chosen_ids = chat_ids(tokenizer, prompt + chosen, tools)
+        rejected_ids = chat_ids(tokenizer, prompt + rejected, tools)
     else:
         def encode(text):
             return tokenizer(text=text)["input_ids"]

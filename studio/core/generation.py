@@ -45,8 +45,8 @@ def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None,
     """Token ids of a conversation through the tokenizer's chat template, which also renders the
     function schemas it may call. No tools is None, as TRL passes it: Llama's template renders its
     tool-use boilerplate for an empty list."""
-    return list(tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
-                                              tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True, return_dict=True,
+                                              add_generation_prompt=add_generation_prompt)["input_ids"])
 
 
 class ChatTemplateError(StudioError):

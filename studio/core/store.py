@@ -438,9 +438,9 @@ def add_dataset(db: Database, name: str, kind: str, rows: list[dict], source_fil
     """Store a dataset and all its rows in one transaction: all or nothing.
 
     kind "prompts": rows have "prompt" (and may have a "reference" answer); kind "preference": rows have
-    "prompt", "chosen", "rejected" (and may have "tools", function schemas), and `feedback` may hold the unpaired rows ("prompt", "completion",
-    "label") they were paired from. Values may be strings or conversational message lists; they are
-    stored as JSON.
+    "prompt", "chosen", "rejected" (and may have "tools", function schemas), and `feedback` may hold the
+    unpaired rows ("prompt", "completion", "label") they were paired from. Values may be strings or
+    conversational message lists; they are stored as JSON.
     """
     if kind not in ("prompts", "preference"):
         raise ValueError(f"unknown dataset kind {kind!r}")
