@@ -1092,9 +1092,6 @@ def shaping_runs(db) -> list[dict]:
         "GROUP BY runs.id ORDER BY runs.id DESC", list(SHAPING_METHODS)))
 
 
-ppo_runs = shaping_runs  # the panel's older name
-
-
 def is_sampled(sample: dict) -> bool:
     return (sample["decoding"].get("temperature") or 0) > 0
 
