@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from studio.core import datasets, store
 
@@ -332,3 +334,33 @@ def test_handoff_to_trl_keeps_each_pairs_tools_and_openrlhf_is_refused(tools_pro
     assert json.loads(row["tools"]) == [GET_COLOR] and row["chosen"] == STORED_TOOL_PAIR["chosen"]
     with pytest.raises(handoff.HandoffError, match="^OpenRLHF 0.11's preference data has no tools"):
         handoff.export_job(project.path, run_id, "openrlhf", tmp_path / "openrlhf-dpo")
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(min_size=1, max_size=30).filter(str.strip),
+       arguments=st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=4),
+       as_text=st.booleans(), result=st.text(min_size=1, max_size=40).filter(str.strip))
+def test_any_well_formed_call_round_trips_through_the_store(tmp_path, name, arguments, as_text, result):
+    """Whatever the function's name, argument values (nested, unicode) and result text, and whether the
+    arguments come as an object or as JSON text, the stored pair holds the call as an object."""
+    from sqlite_utils import Database
+
+    call = {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments) if as_text else arguments}}
+    row = {"prompt": SKY, "chosen": [{"role": "assistant", "tool_calls": [call]},
+                                     {"role": "tool", "name": name, "content": result}, *BLUE],
+           "rejected": GREEN, "tools": [{"type": "function", "function": {"name": name}}]}
+    loaded = datasets.load_file(write(tmp_path, [row]))
+    assert loaded.errors == []
+    db = Database(memory=True)
+    store.migrations.apply(db)
+    store.add_dataset(db, "tools", "preference", loaded.rows)
+    (pair,) = store.pairs(db)
+    assert pair["chosen"] == [{"role": "assistant", "content": "",
+                               "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]},
+                              {"role": "tool", "content": result, "name": name}, *BLUE]
+    assert pair["tools"] == row["tools"] and datasets.has_tool_calls(pair)
