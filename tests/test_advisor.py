@@ -566,4 +566,3 @@ def test_sample_base_reports_each_batch_and_a_stop_stores_nothing(project):
                                  on_progress=lambda *report: reports.append(report), should_stop=lambda: True)
     assert stored == 0 and reports == [(phase, 0, 12), (phase, 4, 12)]  # stopped after the first batch
     assert store.samples(db, None) == before  # nothing of the stopped pass is stored, the earlier samples stay
-
