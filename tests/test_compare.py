@@ -185,3 +185,19 @@ def test_model_cache_evicts_the_least_recently_used_state():
     assert cache.loaded() == [None, 2]
     cache.get(None, 1)  # loaded again, evicts the base
     assert loads == [None, 1, 2, 1] and cache.loaded() == [2, 1]
+
+
+def info(state, method):
+    return compare.StateInfo(state, f"{method} checkpoint {state}", run_id=state * 10, method=method, step=state)
+
+
+@pytest.mark.parametrize("states, expected", [
+    ([info(1, "ppo"), info(2, "ppo"), info(3, "dpo")], [2, 3]),
+    ([info(1, "grpo"), info(2, "dpo"), info(3, "dpo")], [1, 3]),
+    ([info(1, "dpo"), info(2, "rloo"), info(3, "rloo")], [3, 1]),
+    ([info(1, "ppo"), info(2, "grpo"), info(3, "dpo")], [2, 3]),  # the latest shaping checkpoint, whatever its method
+    ([info(1, "grpo"), info(2, "grpo")], [None, 2]),  # no DPO: the base next to the latest
+    ([], [None, None]),
+])
+def test_the_view_opens_on_the_latest_shaping_checkpoint_next_to_the_latest_dpo_one(states, expected):
+    assert compare.default_states([compare.StateInfo(None, "Base model"), *states]) == expected

@@ -1,5 +1,6 @@
 """Training a reward model from the project's labels: progress, stopping, the CLI and its messages."""
 
+import json
 import threading
 
 import pytest
@@ -155,3 +156,19 @@ def test_window_stop_action_ends_the_training_and_saves_nothing(qtbot, project, 
     assert window.statusBar().currentMessage() == "Reward model training stopped: nothing saved"
     assert rewards.trained_reward_models(window.project.path) == []
     assert shown_boxes(window) == []
+
+
+def test_training_on_pairs_with_tool_calls_is_refused_with_what_to_do(project, tmp_path):
+    from studio.core import datasets
+    from tests.test_trl_formats import TOOL_ROW
+
+    path = tmp_path / "tools.jsonl"
+    path.write_text((json.dumps(TOOL_ROW) + "\n") * 3)
+    dataset_id = datasets.import_file(project.db, path)
+    first = store.pairs(project.db, [dataset_id])[0]["id"]
+    settings = rewards.RewardModelTraining(name="mine", include_labels=False, include_datasets=True)
+    with pytest.raises(rewards.RewardError) as caught:
+        rewards.train_reward_model(project.path, settings)
+    assert str(caught.value).startswith(f"3 of the 3 pairs have tool calls (first: dataset {dataset_id}, pair {first})")
+    assert "DPO trains on these pairs as they are" in str(caught.value)
+    assert not (project.path / rewards.REWARD_MODELS_FOLDER / "mine").exists()

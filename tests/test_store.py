@@ -39,7 +39,8 @@ def test_database_made_by_an_older_schema_is_migrated_without_loss(tmp_path):
     with store.Project.open(folder) as project:
         assert project.db["labels"].exists() and project.db["comparisons"].exists()
         assert [m.name for m in store.migrations.applied(project.db)] == [
-            "m001_core_tables", "m002_labelling", "m003_portable_checkpoints", "m004_reference_answers_and_feedback"]
+            "m001_core_tables", "m002_labelling", "m003_portable_checkpoints", "m004_reference_answers_and_feedback",
+            "m005_pair_tools"]
         assert store.pairs(project.db)[0]["chosen"] == "a"
     backups = list((folder / store.BACKUP_DIR).glob("*-before-upgrade.db"))
     assert len(backups) == 1  # taken before the migrations ran: the old schema, with its pair

@@ -149,21 +149,44 @@ def test_start_dpo_button_creates_a_run_from_the_advised_checkpoint(qtbot, panel
 
 
 def test_label_and_trial_buttons_emit_what_the_actions_return(qtbot, panel, project, monkeypatch):
-    _, checkpoint_ids = write_history(project.db)
+    run_id, checkpoint_ids = write_history(project.db)
     calls = []
     monkeypatch.setattr(advisor, "label_pairs_from_checkpoint",
                         lambda db, checkpoint_id: calls.append(("label", checkpoint_id)) or [11, 12])
-    monkeypatch.setattr(advisor, "create_quick_trial",
-                        lambda db, checkpoint_id: calls.append(("trial", checkpoint_id)) or (21, 22))
+    monkeypatch.setattr(advisor, "create_quick_trial", lambda db, checkpoint_id, judged_run_id:
+                        calls.append(("trial", checkpoint_id, judged_run_id)) or (21, 22))
     open_project(qtbot, panel, project)
+    assert panel.trial_button.text() == "Run a quick PPO vs DPO trial"
     with qtbot.waitSignal(panel.label_requested, timeout=TIMEOUT_MS) as blocker:
         click_and_start(panel, panel.label_button)
     assert blocker.args == [[11, 12]]
     with qtbot.waitSignal(panel.trial_created, timeout=TIMEOUT_MS) as blocker:
         click_and_start(panel, panel.trial_button)
     assert blocker.args == [21, 22]
-    assert calls == [("label", checkpoint_ids[2]), ("trial", checkpoint_ids[2])]
+    assert calls == [("label", checkpoint_ids[2]), ("trial", checkpoint_ids[2], run_id)]
     assert panel.trial_button.isEnabled()  # enabled again once the action is done
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_the_trial_of_a_grpo_or_rloo_run_shapes_with_its_method_and_says_so(qtbot, panel, project, monkeypatch, method):
+    run_id, _ = write_history(project.db)
+    project.db.execute("UPDATE runs SET method = ? WHERE id = ?", [method, run_id])
+    project.db.conn.commit()
+    calls = []
+    monkeypatch.setattr(advisor, "create_quick_trial", lambda db, checkpoint_id, judged_run_id:
+                        calls.append(judged_run_id) or (21, 22))
+    advice = open_project(qtbot, panel, project)
+    assert advice.run_id == run_id and panel.selected_run() == run_id  # a GRPO or RLOO run is judged too
+    name = method.upper()
+    assert panel.trial_button.text() == f"Run a quick {name} vs DPO trial"
+    panel.trial_button.click()
+    box = confirmation(panel)
+    assert box.windowTitle() == f"Run a quick {name} vs DPO trial?"
+    assert f"The shaping run uses {name}, the method of the judged run" in box.text()
+    assert f"runs: <b>{name} and DPO</b>" in box.informativeText()
+    with qtbot.waitSignal(panel.trial_created, timeout=TIMEOUT_MS):
+        box.button(QMessageBox.StandardButton.Ok).click()
+    assert calls == [run_id]
 
 
 def test_sample_the_base_button_samples_then_judges_the_base(qtbot, panel, project, monkeypatch):

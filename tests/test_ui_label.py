@@ -118,3 +118,17 @@ def test_imported_pairs_batch_and_the_annotator_is_remembered(qtbot, project):
     remembered = LabelPanel()
     qtbot.addWidget(remembered)
     assert remembered.annotator_edit.text() == "maya"
+
+
+def test_imported_pairs_with_tool_calls_are_not_turned_into_text_comparisons(qtbot, project):
+    from PySide6.QtWidgets import QMessageBox
+
+    from tests.test_trl_formats import STORED_TOOL_PAIR
+
+    store.add_dataset(project.db, "tools", "preference", [STORED_TOOL_PAIR])
+    panel = make_panel(qtbot, project)
+    panel.mode_combo.setCurrentIndex(panel.mode_combo.findData("pairs"))
+    panel.create_batch()
+    (box,) = [box for box in panel.findChildren(QMessageBox) if box.isVisible()]
+    assert box.windowTitle() == "Cannot create comparisons" and box.text().startswith("These pairs have tool calls")
+    assert panel.worker is None and store.count_rows(project.db, "comparisons") == 0

@@ -390,6 +390,7 @@ def test_edited_reward_sources_become_the_project_setting_and_come_back(qtbot, w
     rewards.set_value([])  # as another project would show
     window.run_setup.set_project(window.project)
     assert rewards.value() == edited
+    assert window.run_setup.page("grpo").rewards.value() == window.run_setup.page("rloo").rewards.value() == edited
 
 def test_runs_panel_diffs_two_configs_and_keeps_the_best_checkpoint(qtbot, window_with_project):
     window = window_with_project

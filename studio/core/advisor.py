@@ -10,7 +10,7 @@ turns the project's own measurements into signals and a verdict, in three layers
   histories without a model.
 
 Below them, the actions: sampling the base, and the switch (label pairs from a checkpoint, start DPO
-from it, or a quick PPO-vs-DPO trial).
+from it, or a quick trial of shaping (the judged run's method) against DPO).
 
 Every signal is an estimate with a one-sided 95% interval; it fires only when the interval clears
 its threshold, and a verdict that needs a signal nobody can measure yet is ``need_evidence``, naming
@@ -1118,12 +1118,9 @@ def shaping_runs(db) -> list[dict]:
     """The shaping runs (PPO, GRPO, RLOO) the advisor can judge, newest first, with their checkpoint count."""
     marks = ",".join("?" * len(SHAPING_METHODS))
     return list(db.query(
-        "SELECT runs.id, runs.name, runs.status, COUNT(checkpoints.id) AS checkpoints FROM runs "
+        "SELECT runs.id, runs.name, runs.method, runs.status, COUNT(checkpoints.id) AS checkpoints FROM runs "
         f"LEFT JOIN checkpoints ON checkpoints.run_id = runs.id WHERE runs.method IN ({marks}) "
         "GROUP BY runs.id ORDER BY runs.id DESC", list(SHAPING_METHODS)))
-
-
-ppo_runs = shaping_runs  # the panel's older name
 
 
 def is_sampled(sample: dict) -> bool:
@@ -1385,14 +1382,22 @@ def start_dpo_from_checkpoint(db, checkpoint_id: int | None, overrides: dict | N
     return runs.create_run(db, config, name=name or f"DPO from {state_name(db, checkpoint_id)}")
 
 
-def create_quick_trial(db, start_checkpoint_id: int | None = None, steps: int = TRIAL_STEPS,
-                       ppo_overrides: dict | None = None, dpo_overrides: dict | None = None) -> tuple[int, int]:
-    """Two short runs from the same start, PPO and DPO, to compare side by side on the eval prompts.
+def trial_method(judged_method: str | None) -> str:
+    """The shaping method of a quick trial: the judged run's own (a GRPO run gets a GRPO trial), PPO
+    when no shaping run is judged."""
+    return judged_method if judged_method in SHAPING_METHODS else "ppo"
 
-    Same seed, same length, same checkpoint interval, so their eval samples line up step by step.
-    PPO uses the reward sources of the run the start checkpoint belongs to (else the project's);
-    DPO its labelled and imported pairs. Returns (PPO run id,
-    DPO run id), both queued.
+
+def create_quick_trial(db, start_checkpoint_id: int | None = None, steps: int = TRIAL_STEPS,
+                       shaping_overrides: dict | None = None, dpo_overrides: dict | None = None,
+                       judged_run_id: int | None = None) -> tuple[int, int]:
+    """Two short runs from the same start, shaping and DPO, to compare side by side on the eval prompts.
+
+    The shaping run uses the method (see :func:`trial_method`) and the reward sources of the judged run:
+    `judged_run_id`, else the run the start checkpoint belongs to; the project's sources when there is
+    none. DPO trains on the labelled and imported pairs. Same seed, same length, same checkpoint
+    interval, so their eval samples line up step by step. Returns (shaping run id, DPO run id), both
+    queued; the shaping run's name says its method.
     """
     from . import runs
     from .models import model_parameters
@@ -1400,15 +1405,18 @@ def create_quick_trial(db, start_checkpoint_id: int | None = None, steps: int = 
     shared = {"max_steps": steps, "checkpoint_every": max(1, steps // 4), "seed": 0,
               "parent_checkpoint_id": start_checkpoint_id}
     where = state_name(db, start_checkpoint_id)
-    judged_run = store.get_checkpoint(db, start_checkpoint_id)["run_id"] if start_checkpoint_id is not None else None
-    sources = judged_sources(db, judged_run)
+    if judged_run_id is None and start_checkpoint_id is not None:
+        judged_run_id = store.get_checkpoint(db, start_checkpoint_id)["run_id"]
+    method = trial_method(store.get_run(db, judged_run_id)["method"] if judged_run_id is not None else None)
+    sources = judged_sources(db, judged_run_id)
     parameters = model_parameters(db)
-    ppo_config = runs.make_config("ppo", {**shared, "reward_sources": sources, **(ppo_overrides or {})}, parameters)
+    shaping_config = runs.make_config(method, {**shared, "reward_sources": sources, **(shaping_overrides or {})},
+                                      parameters)
     dpo_config = runs.make_config("dpo", {"include_labels": True, **shared, **(dpo_overrides or {})}, parameters)
     with db.atomic():  # both or neither: a trial with one side is no comparison
-        ppo_id = runs.create_run(db, ppo_config, name=f"Trial PPO from {where}")
+        shaping_id = runs.create_run(db, shaping_config, name=f"Trial {method.upper()} from {where}")
         dpo_id = runs.create_run(db, dpo_config, name=f"Trial DPO from {where}")
-    return ppo_id, dpo_id
+    return shaping_id, dpo_id
 
 
 def state_name(db, checkpoint_id: int | None) -> str:

@@ -21,6 +21,7 @@ from difflib import SequenceMatcher
 from typing import Callable
 
 from . import advisor, labelling, store
+from .defaults import SHAPING_METHODS
 
 BASE = None
 DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed")
@@ -47,6 +48,17 @@ def model_states(db) -> list[StateInfo]:
         states.append(StateInfo(checkpoint["id"], labelling.describe_state(db, checkpoint["id"]),
                                 run["id"], run["method"], checkpoint["step"]))
     return states
+
+
+def default_states(states: list[StateInfo]) -> list[int | None]:
+    """The two states the view opens on: the latest shaping checkpoint (PPO, GRPO or RLOO) next to the
+    latest DPO one when both exist, else the base next to the latest checkpoint."""
+    checkpoints = [info for info in states if info.run_id is not None]
+    shaping = [info.state for info in checkpoints if info.method in SHAPING_METHODS]
+    settling = [info.state for info in checkpoints if info.method == "dpo"]
+    if shaping and settling:
+        return [shaping[-1], settling[-1]]
+    return [BASE, checkpoints[-1].state if checkpoints else BASE]
 
 
 class ModelCache:

@@ -8,8 +8,12 @@ Two kinds of dataset are understood:
   implicit-prompt form ``{"chosen": [conversation], "rejected": [conversation]}``, whose shared
   leading messages become the prompt.
 
-A message is ``{"role": "system" | "user" | "assistant", "content": text}``. In CSV cells, a value
-that is a JSON list of objects is read as a message list. Other columns or keys are ignored.
+A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": text}``; an assistant
+message may call functions instead of (or besides) answering (``tool_calls``), and a ``tool`` message
+carries a call's result. A preference row may have a ``tools`` column: the JSON schemas of the
+functions, kept with the pair and given to the chat template wherever the pair is tokenised (as TRL's
+DPOTrainer does). In CSV cells, a value that is a JSON list of objects is read as a message list.
+Other columns or keys are ignored.
 
 Every row is checked and every problem is collected as a ``DataError`` naming file, row and field,
 so a window can list them all; ``import_file`` stores nothing unless the whole file is clean.
@@ -35,7 +39,7 @@ from . import store
 from .errors import StudioError
 
 KINDS = ("prompts", "preference")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -413,7 +417,7 @@ def _read_parquet(path: Path, name: str, kind: str | None) -> Iterator[tuple[int
         if problem:
             yield problem
             return
-        wanted = [key for key in (*FIELDS, "completion", "label") if key in columns]
+        wanted = [key for key in (*FIELDS, "completion", "label", "tools") if key in columns]
         for batch in parquet.iter_batches(columns=wanted, batch_size=1024):
             for raw in batch.to_pylist():
                 number += 1
@@ -447,7 +451,9 @@ def _check_columns(columns: list[str], kind: str | None, name: str) -> DataError
 
 # --- TRL's dataset formats: which one a row is in, and what the import makes of it -------------
 
-PAIR_COLUMNS = {"prompt": "the prompt", "chosen": "the preferred response", "rejected": "the other response"}
+PAIR_COLUMNS = {"prompt": "the prompt", "chosen": "the preferred response", "rejected": "the other response",
+                "tools": "function schemas, kept with the pair and given to the chat template (tools=...) "
+                         "wherever the pair is tokenised"}
 COLUMN_USES = {  # TRL format -> column -> what the import does with it
     "prompt-only": {"prompt": "the prompt"},
     "prompt-completion": {"prompt": "the prompt",
@@ -520,6 +526,14 @@ def _feedback_record(raw: dict) -> tuple[dict | None, list["_Invalid"]]:
     return {"prompt": prompt, "completion": completion, "label": label}, []
 
 
+def has_tool_calls(pair: dict) -> bool:
+    """Whether a pair comes with function schemas or its responses call functions (an assistant
+    message with tool_calls, a tool result): what a single answer text cannot hold."""
+    responses = [pair[side] for side in ("chosen", "rejected") if isinstance(pair[side], list)]
+    return bool(pair.get("tools")) or any("tool_calls" in message or message["role"] == "tool"
+                                          for response in responses for message in response)
+
+
 def pair_feedback(feedback: list[dict]) -> tuple[list[dict], int]:
     """(preference pairs, rows left unpaired): within each prompt, the k-th good completion is paired
     with the k-th bad one, in file order; each row is in one pair at most."""
@@ -544,6 +558,10 @@ class _Invalid(Exception):
 
 def _prompt_record(raw: dict) -> tuple[dict | None, list[_Invalid]]:
     try:
+        if _tools_value(raw):
+            raise _Invalid("tools", "tool schemas are kept with preference pairs only: shaping runs (PPO, GRPO, "
+                                    "RLOO) sample without tools. Import the file as preference pairs, or drop "
+                                    "the column to use its prompts without the tools")
         return {"prompt": _field_value(raw, "prompt")}, []
     except _Invalid as e:
         return None, [e]
@@ -561,11 +579,47 @@ def _preference_record(raw: dict) -> tuple[dict | None, list[_Invalid]]:
         return None, problems
     try:
         if implicit:
-            return _split_implicit_prompt(values["chosen"], values["rejected"]), []
-        _check_same_style(values)
-        return values, []
+            values = _split_implicit_prompt(values["chosen"], values["rejected"])
+        else:
+            _check_same_style(values)
+        tools = _tools_value(raw)
+        return {**values, "tools": tools} if tools else values, []
     except _Invalid as e:
         return None, [e]
+
+
+TOOL_SCHEMA = '{"type": "function", "function": {"name": ..., "parameters": ...}}'
+
+
+def _tools_value(raw: dict) -> list[dict] | None:
+    """A row's function schemas (a list, or JSON text of one, as TRL reads them); None when it has none."""
+    tools = raw.get("tools")
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        _check_text(tools, "tools", "value")
+        tools = _json_value(tools, "tools", "the value")
+    if tools is None or tools == []:  # TRL too passes no tools for [] (Llama's template misrenders it)
+        return None
+    if not isinstance(tools, list):
+        raise _Invalid("tools", f"expected a list of function schemas, got {_type_name(tools)}")
+    for number, tool in enumerate(tools, 1):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"].strip()):
+            raise _Invalid("tools", f"tool {number} is not a function schema ({TOOL_SCHEMA})")
+    size = len(json.dumps(tools))
+    if size > MAX_FIELD_CHARS:
+        raise _Invalid("tools", f"the schemas hold {size:,} characters; the limit is {MAX_FIELD_CHARS:,}")
+    return tools
+
+
+def _json_value(text: str, key: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Invalid(key, f"{what} is not valid JSON ({e.msg} at character {e.pos + 1})") from None
+    except RecursionError:
+        raise _Invalid(key, TOO_DEEP) from None
 
 
 def _check_same_style(values: dict) -> None:
@@ -621,27 +675,72 @@ def _field_value(raw: dict, key: str) -> str | list[dict]:
 def _check_messages(value: list, key: str) -> list[dict]:
     if not value:
         raise _Invalid(key, "empty value (no messages)")
-    messages, total = [], 0
-    for i, message in enumerate(value, 1):
-        if not isinstance(message, dict):
-            raise _Invalid(key, f"message {i} is {_type_name(message)}, not an object with 'role' and 'content'")
-        for part in ("role", "content"):
-            if message.get(part) is None:
-                raise _Invalid(key, f"message {i} has no {part!r}")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise _Invalid(key, f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise _Invalid(key, f"message {i} content must be text, got {_type_name(content)}")
-        _check_text(content, key, f"content of message {i}")
-        total += len(content)
-        message_record = {"role": role, "content": content}  # other message keys are dropped, but
-        if isinstance(message.get("thinking"), str):  # a harmony-style reasoning trace, rendered by the chat template
-            message_record["thinking"] = message["thinking"]
-        messages.append(message_record)
+    messages = [_check_message(message, key, i) for i, message in enumerate(value, 1)]
+    total = sum(map(_message_chars, messages))
     if total > MAX_FIELD_CHARS:
         raise _Invalid(key, f"messages hold {total:,} characters; the limit is {MAX_FIELD_CHARS:,}")
     return messages
+
+
+def _message_chars(message: dict) -> int:
+    calls = message.get("tool_calls")
+    return len(message["content"]) + len(message.get("thinking", "")) + (len(json.dumps(calls)) if calls else 0)
+
+
+def _check_message(message: Any, key: str, i: int) -> dict:
+    """One message as it is stored: role and content, and what the chat template renders besides
+    (a reasoning trace, function calls, the call a tool result answers); other keys are dropped."""
+    if not isinstance(message, dict):
+        raise _Invalid(key, f"message {i} is {_type_name(message)}, not an object with 'role' and 'content'")
+    role, content, calls = message.get("role"), message.get("content"), message.get("tool_calls")
+    if role is None:
+        raise _Invalid(key, f"message {i} has no 'role'")
+    if role not in ROLES:
+        raise _Invalid(key, f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if calls is not None and role != "assistant":
+        raise _Invalid(key, f"message {i} is a {role!r} message with 'tool_calls'; only an assistant calls functions")
+    if content is None and calls is None:
+        raise _Invalid(key, f"message {i} has no 'content'" + (" (a tool message holds the call's result)"
+                                                             if role == "tool" else ""))
+    if content is not None and not isinstance(content, str):
+        raise _Invalid(key, f"message {i} content must be text, got {_type_name(content)}")
+    if content is not None and (calls is None or content.strip()):
+        _check_text(content, key, f"content of message {i}")
+    # A call-only message gets empty content: every reader of a stored message can rely on its content.
+    record = {"role": role, "content": content or ""}
+    if isinstance(message.get("thinking"), str):  # a harmony-style reasoning trace
+        record["thinking"] = message["thinking"]
+    if calls is not None:
+        record["tool_calls"] = _check_tool_calls(calls, key, i)
+    for part in ("name", "tool_call_id"):  # which function a tool message answers
+        if role == "tool" and isinstance(message.get(part), str):
+            record[part] = message[part]
+    return record
+
+
+def _check_tool_calls(calls: Any, key: str, i: int) -> list[dict]:
+    """Function calls as chat templates read them: arguments an object (JSON text of one is parsed)."""
+    if not isinstance(calls, list) or not calls:
+        raise _Invalid(key, f"message {i} 'tool_calls' must be a non-empty list of calls, got {_type_name(calls)}")
+    checked = []
+    for j, call in enumerate(calls, 1):
+        where = f"message {i} tool call {j}"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"].strip()):
+            raise _Invalid(key, f"{where} is not a function call "
+                                '({"type": "function", "function": {"name": ..., "arguments": {...}}})')
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = _json_value(arguments, key, f"{where} ({function['name']}): 'arguments'")
+        if not isinstance(arguments, dict):
+            raise _Invalid(key, f"{where} ({function['name']}): 'arguments' must be an object of named "
+                                f"values, got {_type_name(arguments)}")
+        record = {"type": call.get("type") or "function",
+                  "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):  # what a tool message's tool_call_id refers to
+            record["id"] = call["id"]
+        checked.append(record)
+    return checked
 
 
 def _check_text(text: str, key: str, what: str) -> None:

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults, distributed, store
-from .generation import is_conversational
+from .datasets import has_tool_calls
+from .errors import StudioError
+from .generation import ChatTemplateError, chat_ids, check_chat_template, is_conversational
 from .progress import Progress, ignore
 from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
@@ -140,9 +142,36 @@ def validate(config: Config, db) -> list[str]:
     for row in rows:
         formats = {is_conversational(row[key]) for key in ("prompt", "chosen", "rejected")}
         if len(formats) > 1:
-            problems.append(f"pair {row.get('id', row.get('comparison_id'))} mixes chat messages and plain text")
+            problems.append(f"{pair_name(row)} mixes chat messages and plain text")
             break
-    return problems
+    return problems + tool_template_problems(db, [row for row in rows if has_tool_calls(row)])
+
+
+SHOWN_TEMPLATE_PROBLEMS = 3
+
+
+def tool_template_problems(db, rows: list[dict]) -> list[str]:
+    """Before a launch: pairs with tool calls that the base model's chat template cannot render (with
+    their tools).
+
+    The tokenizer is loaded only when some pair has tool calls; a model that cannot be read is left to the
+    run to report."""
+    if not rows:
+        return []
+    from .models import ModelSource, load_tokenizer, resolve_folder
+
+    try:
+        tokenizer = load_tokenizer(resolve_folder(ModelSource.from_json(store.get_setting(db, "base_model"))))
+    except (StudioError, OSError, ValueError):
+        return []
+    problems = []
+    for row in rows:
+        try:
+            check_pair_template(tokenizer, row)
+        except ChatTemplateError as e:
+            problems.append(str(e))
+    more = len(problems) - SHOWN_TEMPLATE_PROBLEMS
+    return problems[:SHOWN_TEMPLATE_PROBLEMS] + ([f"... and {more} more pairs like these"] if more > 0 else [])
 
 
 # --- tokenisation, as TRL 1.16's DPOTrainer does it --------------------------------------------
@@ -160,18 +189,18 @@ class TokenizedPair:
 
 
 def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
-    """Chat messages go through the chat template; plain text gets an EOS appended to each response.
+    """Chat messages go through the chat template, with the pair's function schemas ("tools") if it has
+    any; plain text gets an EOS appended to each response.
 
     The response starts where the tokenized prompt and prompt+response first differ (TRL's
     `common_prefix_length`), which is after the prompt unless tokens merge across the boundary.
     """
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
     if is_conversational(prompt):
-        def encode(messages, **kwargs):
-            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
-
-        prompt_ids = encode(prompt, add_generation_prompt=True)
-        chosen_ids, rejected_ids = encode(prompt + chosen), encode(prompt + rejected)
+        tools = pair.get("tools")
+        prompt_ids = chat_ids(tokenizer, prompt, tools, add_generation_prompt=True)
+        chosen_ids = chat_ids(tokenizer, prompt + chosen, tools)
+        rejected_ids = chat_ids(tokenizer, prompt + rejected, tools)
     else:
         def encode(text):
             return tokenizer(text=text)["input_ids"]
@@ -183,6 +212,20 @@ def tokenize_pair(tokenizer, pair: dict) -> TokenizedPair:
         chosen_ids, rejected_ids = encode(prompt + with_eos(chosen)), encode(prompt + with_eos(rejected))
     prompt_length = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
     return TokenizedPair(prompt_ids[:prompt_length], chosen_ids[prompt_length:], rejected_ids[prompt_length:])
+
+
+def check_pair_template(tokenizer, row: dict) -> None:
+    """Raise ChatTemplateError, naming the pair, when the chat template cannot render it with its tools."""
+    if is_conversational(row["prompt"]):
+        for side in ("chosen", "rejected"):
+            check_chat_template(tokenizer, row["prompt"] + row[side], row.get("tools"), pair_name(row))
+
+
+def pair_name(row: dict) -> str:
+    """Where a training pair comes from, for messages."""
+    if "comparison_id" in row:
+        return f"labelled comparison {row['comparison_id']}"
+    return f"dataset {row.get('dataset_id')}, pair {row.get('id')}"
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -203,6 +246,8 @@ def fit_pair(pair: TokenizedPair, max_prompt_length: int | None, max_length: int
 
 def tokenize_pairs(config: Config, tokenizer, rows: list[dict]) -> tuple[list[TokenizedPair], int]:
     """(the pairs that fit, how many were skipped because they do not fit max_length)."""
+    for row in filter(has_tool_calls, rows):  # again: a queued run or a bundle may hold pairs never checked
+        check_pair_template(tokenizer, row)
     fitted = [fit_pair(tokenize_pair(tokenizer, row), config.max_prompt_length, config.max_length) for row in rows]
     kept = [pair for pair in fitted if pair is not None]
     skipped = len(fitted) - len(kept)

@@ -1,7 +1,8 @@
 """Batched sampling with fixed seeds: eval samples at checkpoints, compare panes, labelling.
 
 Prompts follow TRL's convention: a list of {role, content} messages goes through the tokenizer's
-chat template (with the generation prompt); a plain string is used as raw text.
+chat template (with the generation prompt); a plain string is used as raw text. ``chat_ids`` is the
+one place a conversation (with the function schemas it may call) becomes tokens, for every engine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+
+from .errors import StudioError
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,42 @@ def is_conversational(prompt) -> bool:
     return isinstance(prompt, list)
 
 
+def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+             add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template, which also renders the
+    function schemas it may call. No tools is None, as TRL passes it: Llama's template renders its
+    tool-use boilerplate for an empty list."""
+    return list(tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True, return_dict=True,
+                                              add_generation_prompt=add_generation_prompt)["input_ids"])
+
+
+class ChatTemplateError(StudioError):
+    """A conversation the model's chat template cannot render as it is."""
+
+
+def check_chat_template(tokenizer, messages: list[dict], tools: list[dict] | None, where: str) -> None:
+    """Raise ChatTemplateError, naming `where`, when the template fails on the messages or leaves out
+    their tools (TRL passes tools silently to a template that ignores them: the model never sees them)."""
+    import jinja2
+
+    def render(with_tools):
+        return tokenizer.apply_chat_template(messages, tools=with_tools, tokenize=False)
+
+    try:
+        rendered = render(tools)
+        ignored = bool(tools) and rendered == render(None)
+    except (jinja2.TemplateError, TypeError, ValueError) as e:
+        raise ChatTemplateError(f"{where}: the model's chat template cannot render it ({type(e).__name__}: {e})") from e
+    if ignored:
+        raise ChatTemplateError(f"{where}, field 'tools': the model's chat template does not render function "
+                                "schemas, so the model would never see the tools its calls use. Use a model whose "
+                                "template supports tools (its chat template mentions `tools`), or import the data "
+                                "without the 'tools' column")
+
+
 def encode_prompt(tokenizer, prompt) -> list[int]:
     if is_conversational(prompt):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
     return tokenizer(prompt)["input_ids"]  # BOS where the tokenizer adds one, as DPO and TRL tokenise prompts
 
 

@@ -62,7 +62,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def preference_rows(data: runs.TrainingData) -> list[dict]:
-    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in data.pairs]
+    """TRL's preference rows; a pair's tools as JSON text, which TRL's DPOTrainer parses (a column of
+    schemas that differ from row to row would not load as one Arrow type)."""
+    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+             **({"tools": json.dumps(p["tools"], ensure_ascii=False)} if p.get("tools") else {})} for p in data.pairs]
 
 
 def as_messages(prompt) -> list[dict]:
@@ -184,6 +187,10 @@ def openrlhf_dpo(config, data: runs.TrainingData, model: str) -> Job:
     if config.loss_type not in ("sigmoid", "ipo"):
         raise HandoffError(f"OpenRLHF 0.11 has no {config.loss_type!r} DPO loss (it has sigmoid and IPO); "
                            "export this run with --engine trl")
+    if any(pair.get("tools") for pair in data.pairs):
+        raise HandoffError("OpenRLHF 0.11's preference data has no tools: its chat template call leaves out the "
+                           "pairs' function schemas. Export this run with --engine trl, whose DPOTrainer renders "
+                           "each pair with its tools")
     job = Job("openrlhf", ["deepspeed", "--num_gpus", '"$NUM_GPUS"', "--module", "openrlhf.cli.train_dpo"])
     openrlhf_common(job, config, "", "--model.model_name_or_path", model)
     job.flags.update({"--data.dataset": "data/train.jsonl", "--data.prompt_key": "prompt",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import store
+from .datasets import has_tool_calls
 from .errors import StudioError
 from .generation import is_conversational
 from .models import ModelSource, load_tokenizer, resolve_folder
@@ -628,6 +629,13 @@ def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
                           "comparisons in the Label tab"
                           + ("." if settings.include_datasets else ", or also train on the imported preference "
                              "datasets (studio train-reward --include-datasets)."))
+    with_tools = [pair for pair in pairs if has_tool_calls(pair)]
+    if with_tools:
+        raise RewardError(f"{len(with_tools)} of the {len(pairs)} pairs have tool calls (first: dataset "
+                          f"{with_tools[0].get('dataset_id')}, pair {with_tools[0].get('id')}). A reward model scores "
+                          "one answer text per prompt, so it would not see the calls, their results or the tools: "
+                          "train it on preference datasets without tool calls (DPO trains on these pairs as "
+                          "they are).")
     train, heldout = split_pairs(pairs, settings.heldout_fraction, settings.seed)
     device, _ = pick_device(settings.device)
 

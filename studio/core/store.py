@@ -126,6 +126,12 @@ def m004_reference_answers_and_feedback(db: Database) -> None:
     )
 
 
+@migrations()
+def m005_pair_tools(db: Database) -> None:
+    """A preference pair's function schemas (TRL's 'tools' column), given to the chat template with it."""
+    db["pairs"].add_column("tools", str)
+
+
 class ProjectError(StudioError):
     """A project that cannot be created or opened, with a message meant for the user."""
 
@@ -432,9 +438,9 @@ def add_dataset(db: Database, name: str, kind: str, rows: list[dict], source_fil
     """Store a dataset and all its rows in one transaction: all or nothing.
 
     kind "prompts": rows have "prompt" (and may have a "reference" answer); kind "preference": rows have
-    "prompt", "chosen", "rejected", and `feedback` may hold the unpaired rows ("prompt", "completion",
-    "label") they were paired from. Values may be strings or conversational message lists; they are
-    stored as JSON.
+    "prompt", "chosen", "rejected" (and may have "tools", function schemas), and `feedback` may hold the
+    unpaired rows ("prompt", "completion", "label") they were paired from. Values may be strings or
+    conversational message lists; they are stored as JSON.
     """
     if kind not in ("prompts", "preference"):
         raise ValueError(f"unknown dataset kind {kind!r}")
@@ -455,6 +461,7 @@ def add_dataset(db: Database, name: str, kind: str, rows: list[dict], source_fil
             db["pairs"].insert_all(
                 ({"dataset_id": dataset_id, "prompt": json.dumps(r["prompt"]),
                   "chosen": json.dumps(r["chosen"]), "rejected": json.dumps(r["rejected"]),
+                  "tools": json.dumps(r["tools"]) if r.get("tools") else None,
                   "created_at": now} for r in rows), batch_size=500)
         if feedback:
             db["feedback"].insert_all(
@@ -514,7 +521,8 @@ def pairs(db: Database, dataset_ids: Iterable[int] | None = None) -> list[dict]:
         ids = list(dataset_ids)
         sql += f" WHERE dataset_id IN ({','.join('?' * len(ids))})"
         params = ids
-    return [{**row, **{k: json.loads(row[k]) for k in ("prompt", "chosen", "rejected")}}
+    return [{**row, **{k: json.loads(row[k]) for k in ("prompt", "chosen", "rejected")},
+             "tools": json.loads(row["tools"]) if row["tools"] else None}
             for row in db.query(sql + " ORDER BY id", params)]
 
 

@@ -633,11 +633,11 @@ class MainWindow(QMainWindow):
             self.runs_panel.select_runs([run_id])
         self.docks["runs"].raise_()
 
-    def _on_trial_created(self, ppo_run_id: int, dpo_run_id: int) -> None:
-        """A quick PPO vs DPO trial: queue both and overlay them in the charts."""
-        self._on_run_created(ppo_run_id)
+    def _on_trial_created(self, shaping_run_id: int, dpo_run_id: int) -> None:
+        """A quick trial, shaping (PPO, GRPO or RLOO) vs DPO: queue both and overlay them in the charts."""
+        self._on_run_created(shaping_run_id)
         self._on_run_created(dpo_run_id)
-        self.runs_panel.select_runs([ppo_run_id, dpo_run_id])
+        self.runs_panel.select_runs([shaping_run_id, dpo_run_id])
         self.show_tab(self.charts)
 
     def show_tab(self, panel: QWidget) -> None:

@@ -40,8 +40,15 @@ def as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in value)
+        return "\n".join(f"{m.get('role', '?')}: " + " ".join(filter(None, [m.get("content", ""), *_calls(m)]))
+                         for m in value)
     return json.dumps(value, ensure_ascii=False)
+
+
+def _calls(message: dict) -> list[str]:
+    """An assistant message's function calls, each as [calls name(arguments)]."""
+    return [f"[calls {c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})]"
+            for c in message.get("tool_calls") or []]
 
 
 def one_line(text: str, limit: int = 160) -> str:

@@ -39,7 +39,7 @@ CHART_HEIGHT = 96
 NO_RUN = -1  # the selector's "judge the base" entry
 SECTIONS = (
     ("Is the base messy?", advisor.BASE_SIGNALS),
-    ("Is PPO still paying off?", advisor.PROGRESS_SIGNALS),
+    ("Is shaping still paying off?", advisor.PROGRESS_SIGNALS),
     ("RL health", advisor.HEALTH_SIGNALS),
     ("Side effects", advisor.SIDE_EFFECT_SIGNALS),
 )
@@ -49,7 +49,7 @@ DPO_SHOWN = ("max_steps", "learning_rate", "beta", "batch_size")  # the settings
 
 
 def gather_advice(project_path: str, run_id: int | None, refresh_id: int) -> tuple:
-    """Runs in a worker thread: its own connection, the PPO runs for the selector, and the advice.
+    """Runs in a worker thread: its own connection, the shaping runs for the selector, and the advice.
 
     The refresh id travels with the result, so the panel shows only its newest refresh.
     """
@@ -178,13 +178,14 @@ class AdvisorPanel(QWidget):
 
     label_requested = Signal(list)  # comparison ids to label
     run_created = Signal(int)  # a new queued run id for the window to enqueue
-    trial_created = Signal(int, int)  # (PPO run id, DPO run id) of a quick trial
+    trial_created = Signal(int, int)  # (shaping run id, DPO run id) of a quick trial
     advice_ready = Signal(object)  # the Advice just shown
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.project_path: str | None = None
         self.advice: advisor.Advice | None = None
+        self.run_methods: dict[int, str] = {}  # shaping run id -> its method, for the quick trial
         self._refresh_id = 0  # only the newest refresh's result is shown
         self._on_action_result = None  # what to do with the running action's result (one at a time)
         self._progress = ProgressMeter()  # count, rate and ETA of the base sampling
@@ -215,8 +216,8 @@ class AdvisorPanel(QWidget):
         sections.setContentsMargins(0, 0, 0, 0)
         for title, keys in SECTIONS:
             sections.addWidget(bold(QLabel(title), 2))
-            self.section_hints[keys] = hint_label("Measured at each checkpoint of a PPO run: choose a run "
-                                                  "with checkpoints above.")
+            self.section_hints[keys] = hint_label("Measured at each checkpoint of a shaping run (PPO, GRPO or "
+                                                  "RLOO): choose a run with checkpoints above.")
             sections.addWidget(self.section_hints[keys])
             grid = QGridLayout()
             grid.setSpacing(CARD_SPACING)
@@ -252,7 +253,7 @@ class AdvisorPanel(QWidget):
 
     def _build_toolbar(self) -> QHBoxLayout:
         row = QHBoxLayout()
-        row.addWidget(QLabel("PPO run"))
+        row.addWidget(QLabel("Shaping run"))
         self.run_selector = QComboBox()
         self.run_selector.setMinimumWidth(280)
         self.run_selector.currentIndexChanged.connect(self._run_selected)
@@ -380,7 +381,7 @@ class AdvisorPanel(QWidget):
         first_look = self.run_selector.count() == 0
         self._fill_selector(runs, chosen)
         if first_look and chosen is None:
-            # First look at a project: judge its newest PPO run with checkpoints, if any.
+            # First look at a project: judge its newest shaping run with checkpoints, if any.
             default = next((r["id"] for r in runs if r["checkpoints"]), None)
             if default is not None:
                 self.run_selector.setCurrentIndex(self.run_selector.findData(default))
@@ -409,7 +410,8 @@ class AdvisorPanel(QWidget):
     def _fill_selector(self, runs: list[dict], chosen: int | None) -> None:
         self.run_selector.blockSignals(True)
         self.run_selector.clear()
-        self.run_selector.addItem("No PPO run: judge the base", NO_RUN)
+        self.run_selector.addItem("No shaping run: judge the base", NO_RUN)
+        self.run_methods = {run["id"]: run["method"] for run in runs}
         for run in runs:
             text = f"{run['name']} · {run['checkpoints']} checkpoints · {run['status']}"
             self.run_selector.addItem(text, run["id"])
@@ -483,14 +485,20 @@ class AdvisorPanel(QWidget):
                                           advisor.start_dpo_from_checkpoint, checkpoint_id,
                                           on_result=self._run_created))
 
+    def trial_method(self) -> str:
+        """The shaping method of the quick trial: the judged run's (PPO when the base is judged)."""
+        return advisor.trial_method(self.run_methods.get(self.advice.run_id) if self.advice else None)
+
     def start_trial(self) -> None:
-        checkpoint_id, where = self.advice.checkpoint_id, self.advised_state()
-        ask_once(self, "advisor_quick_trial", "Run a quick PPO vs DPO trial?",
+        checkpoint_id, where, run_id = self.advice.checkpoint_id, self.advised_state(), self.advice.run_id
+        method = self.trial_method().upper()
+        ask_once(self, "advisor_quick_trial", f"Run a quick {method} vs DPO trial?",
                  f"Two short runs from {where}, same seed and length, to compare side by side on the "
-                 "eval prompts.",
-                 {"start": where, "runs": "PPO and DPO", "steps each": advisor.TRIAL_STEPS},
+                 f"eval prompts. The shaping run uses {method}, the method of the judged run, and its "
+                 "reward sources.",
+                 {"start": where, "runs": f"{method} and DPO", "steps each": advisor.TRIAL_STEPS},
                  lambda: self._run_action("Creating the trial runs…", with_connection, self.project_path,
-                                          advisor.create_quick_trial, checkpoint_id,
+                                          advisor.create_quick_trial, checkpoint_id, judged_run_id=run_id,
                                           on_result=self._trial_created))
 
     def _read_settings(self, function, *args):
@@ -556,6 +564,7 @@ class AdvisorPanel(QWidget):
         self.label_button.setText(f"Label pairs from {short}")
         self.label_button.setToolTip(f"Two samples of {where} per prompt, for the labelling view.")
         self.dpo_button.setText(f"Start DPO from {short}")
+        self.trial_button.setText(f"Run a quick {self.trial_method().upper()} vs DPO trial")
         self.sample_button.setEnabled(has_project)  # sampling the base is never advised against
         self.refresh_button.setEnabled(self.project_path is not None)
         for button in (self.label_button, self.trial_button):

@@ -1,4 +1,4 @@
-"""The compare panel: what the model says, checkpoint by checkpoint, PPO next to DPO.
+"""The compare panel: what the model says, checkpoint by checkpoint, shaping (PPO, GRPO, RLOO) next to DPO.
 
 Two to four panes side by side, each bound to a model state (the base or a checkpoint) with a
 slider to scrub through its run's checkpoints. Every pane answers the same prompt with the same
@@ -513,7 +513,7 @@ class ComparePanel(QWidget):
             return
         self.reset_decoding()
         self.refresh()
-        for state in self._default_states():
+        for state in compare.default_states(self.states):
             self._add_pane(state)
         self.stack.setCurrentWidget(self.content)
 
@@ -728,14 +728,6 @@ class ComparePanel(QWidget):
         self.panes.remove(pane)
         pane.setParent(None)
         pane.deleteLater()
-
-    def _default_states(self) -> list[int | None]:
-        """PPO next to DPO (their latest checkpoints) when both exist, else the base next to the latest."""
-        latest = {info.method: info.state for info in self.states if info.run_id is not None}
-        if "ppo" in latest and "dpo" in latest:
-            return [latest["ppo"], latest["dpo"]]
-        checkpoints = [info.state for info in self.states if info.run_id is not None]
-        return [compare.BASE, checkpoints[-1] if checkpoints else compare.BASE]
 
     # --- the background job ---
 

@@ -164,6 +164,8 @@ class ImportPreviewDialog(QDialog):
         self.summary = bold(QLabel(f"Checking {self.path.name}…"), 1)
         self.summary.setWordWrap(True)
         layout.addWidget(self.summary)
+        self.column_plan = hint_label("")  # every column of the file and what the import does with it
+        layout.addWidget(self.column_plan)
         self.busy = QProgressBar()
         self.busy.setRange(0, 0)
         self.busy.setMaximumHeight(6)
@@ -238,6 +240,7 @@ class ImportPreviewDialog(QDialog):
             self.rows_view.setColumnWidth(column, min(self.rows_view.columnWidth(column), 320))
         self.as_eval.setVisible(loaded.kind == "prompts")
         self.rows_caption.setText(f"First {len(loaded.rows)} valid rows" if loaded.rows else "No valid rows")
+        self.column_plan.setText("Columns: " + "; ".join(f"{column}: {use}" for column, use in loaded.column_plan()))
         if loaded.errors:
             self.show_errors(loaded.errors)
             self.summary.setText(f"{self.path.name}: {loaded.fmt.upper() or 'unknown format'}, {kind}. "

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.core import labelling, store
+from studio.core import datasets, labelling, store
 from studio.core.progress import ProgressMeter
 
 from . import ACCENT, DANGER, MUTED, OK, ask_once, bold, hint_label, icon, show_message
@@ -539,6 +539,10 @@ class LabelPanel(QWidget):
             if dataset_id is None:
                 raise ValueError("This project has no imported preference pairs.")
             pairs = store.pairs(self.db, [dataset_id])[:count]
+            if any(map(datasets.has_tool_calls, pairs)):
+                raise ValueError("These pairs have tool calls: a comparison shows two answer texts, which "
+                                 "cannot hold the calls, their results or the tools. DPO trains on the pairs as "
+                                 "they are; label pairs without tool calls here.")
             return (lambda db: labelling.compare_pairs(db, pairs)), len(pairs)
         prompts = labelling.prompt_rows(self.db, self.prompts_combo.currentData(), limit=count)
         if not prompts:

@@ -812,19 +812,20 @@ class RunSetupPanel(QWidget):
             page.form.set_defaults(defaults.defaults_for(method, self.parameters))
 
     def _show_project_reward_sources(self) -> None:
-        """The project's `reward_sources` setting, if it has one, in the reward sources editor."""
-        page = self.pages.get("ppo")
-        if page is None or page.rewards is None:
-            return
-        page.reward_preview.set_project(self.project)
-        if self.project is None:
-            return
+        """The project's `reward_sources` setting, if it has one, in each shaping method's reward sources editor."""
         from studio.core import store
 
-        sources = store.get_setting(self.project.db, "reward_sources")
-        if sources:
-            page.rewards.set_value(sources)
-        page.preview_rewards()
+        sources = store.get_setting(self.project.db, "reward_sources") if self.project is not None else None
+        for method in SHAPING_METHODS:
+            page = self.pages.get(method)
+            if page is None or page.rewards is None:
+                continue
+            page.reward_preview.set_project(self.project)
+            if self.project is None:
+                continue
+            if sources:
+                page.rewards.set_value(sources)
+            page.preview_rewards()
 
     def refresh(self) -> None:
         """Reload what depends on the project: checkpoints to start from, the data hint."""
