@@ -220,7 +220,7 @@ def test_start_dpo_shows_its_settings_and_asks_once(qtbot, panel, project):
     box = confirmation(panel)
     shown = box.informativeText()
     assert f"start and reference: <b>PPO #{run_id}, checkpoint 3 (step 60)</b>" in shown
-    assert "learning_rate: <b>5e-05</b>" in shown  # the small model's DPO default (defaults.py)
+    assert "learning_rate: <b>0.0002</b>" in shown  # the small model's DPO default (defaults.py)
     box.button(QMessageBox.StandardButton.Cancel).click()
     assert not [r for r in store.list_runs(project.db) if r["method"] == "dpo"]  # cancelled: no run
     with qtbot.waitSignal(panel.run_created, timeout=TIMEOUT_MS):

@@ -342,7 +342,7 @@ def test_run_setup_forms_come_from_the_engine_dataclasses(qtbot, window_with_pro
         config = runs.make_config(method, setup.page(method).overrides())
         assert config == module.Config()  # the untouched form gives the engine's defaults
     assert "reference" in setup.page("dpo").form.labels["beta"].toolTip()
-    assert setup.page("dpo").form.editors["learning_rate"].widget.text() == "5e-05"
+    assert setup.page("dpo").form.editors["learning_rate"].widget.text() == "0.0002"
 
     setup.apply_preset("Shape with PPO")
     assert setup.current_method() == "ppo"
@@ -364,7 +364,7 @@ def test_run_setup_applies_the_defaults_for_the_project_models_size(qtbot, windo
     from studio.core import defaults
 
     setup = window_with_project.run_setup
-    assert setup.page("dpo").form.values()["learning_rate"] == 5e-5  # the tiny model is small
+    assert setup.page("dpo").form.values()["learning_rate"] == 2e-4  # the tiny model is small
     # Reopened with the small class ending below the tiny model's size, it counts as "medium".
     monkeypatch.setattr(defaults, "SIZE_CLASSES", (("small", 10), ("medium", 4_000_000_000), ("large", math.inf)))
     setup.set_project(window_with_project.project)

@@ -24,7 +24,7 @@ DEFAULTS: dict[str, dict[str, dict]] = {
     "ppo": {"small": {"learning_rate": 3e-4, "kl_coef": 0.05},
             "medium": {"learning_rate": 1e-4, "kl_coef": 0.05},
             "large": {"learning_rate": 3e-5, "kl_coef": 0.05}},
-    "dpo": {"small": {"learning_rate": 5e-5},
+    "dpo": {"small": {"learning_rate": 2e-4},
             "medium": {"learning_rate": 2e-5},
             "large": {"learning_rate": 1e-5}},
 }
