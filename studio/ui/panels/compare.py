@@ -23,7 +23,7 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, QPersisten
 from PySide6.QtGui import QColor, QFont
 from PySide6.QtWidgets import (
     QAbstractItemView, QComboBox, QDoubleSpinBox, QFrame, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-    QPushButton, QSlider, QSpinBox, QSplitter, QStackedWidget, QTableView, QTextBrowser, QToolButton,
+    QPushButton, QSizePolicy, QSlider, QSpinBox, QSplitter, QStackedWidget, QTableView, QTextBrowser, QToolButton,
     QVBoxLayout, QWidget,
 )
 
@@ -424,6 +424,9 @@ class ComparePanel(QWidget):
         settings_row.addWidget(self.reset_button)
         settings_row.addSpacing(6)
         self.status = hint_label("")
+        # A run's long name ("Generating: ppo-lr1e-3-kl0.05, checkpoint 4 ...") cannot wrap inside a
+        # word: the label takes the room left and no more (the whole text is in its tooltip).
+        self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         settings_row.addWidget(self.status, 1)
         layout.addLayout(settings_row)
 
@@ -800,4 +803,5 @@ class ComparePanel(QWidget):
 
     def _set_status(self, text: str, color: str = MUTED) -> None:
         self.status.setText(text)
+        self.status.setToolTip(text)
         self.status.setStyleSheet(f"color: {color};")
