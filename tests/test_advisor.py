@@ -578,3 +578,17 @@ def test_a_rule_with_a_negative_weight_is_broken_by_missing_what_it_counts(proje
     assert advisor.broken_rules(sources, scores["Wow!"]) == ["unfinished"]
     assert advisor.broken_rules(sources, scores["Blue."]) == ["loves_bang", "unfinished"]
     assert advisor.broken_rules(sources, scores["two\nlines"]) == ["loves_bang"]
+
+
+def test_reward_per_nat_of_kl_is_measured_only_while_kl_is_clearly_spent():
+    """On a level KL, reward regressed on KL across steps measures how a batch's reward and KL
+    co-vary, not a price: the signal is left unmeasured then."""
+    from tests.advisor_histories import make_run
+
+    rising = make_run(lambda s: 0.02 * s, kl=lambda s: 0.1 * s, steps=60)
+    # A level KL that moves with each batch's reward (as real batches do): the old fit read a price.
+    level = make_run(lambda s: 0.02 * s + 0.1 * (s % 2), kl=lambda s: 3.0 + 0.5 * (s % 2), steps=60)
+    assert advisor.reward_gain_signals(rising, 60, 10, "medium")[0]["gain_per_kl"] is not None
+    estimates, notes = advisor.reward_gain_signals(level, 60, 10, "medium")
+    assert estimates["gain_per_kl"] is None and "KL not clearly growing" in notes["gain_per_kl"]
+    assert estimates["gain_per_step"] is not None
