@@ -46,6 +46,11 @@ EXPECTED = {
     # ("The art of crafting a cup of tea is a timeless craft ...", "The largest country by area is
     # Antarctica."), KL 0.50-0.58 nats per token: switch, from step 10, at every later checkpoint.
     "fast_one_liners.json": ["keep_ppo"] + ["switch_now"] * 3,
+    # Rules the base already meets (no lists, at most 6 lines, no insults), 40 steps: reward flat
+    # near its maximum (1.9 of 2) from step 1. The advisor first asked for more base samples (144:
+    # 15% [11%, 21%] break a rule, straddling 20%); with 288, 13% [10%, 17%]: a clean base, nothing
+    # for PPO to shape, settle with DPO from the start once the flat reward is seen twice.
+    "clean_start_40_steps.json": ["keep_ppo"] * 3 + ["settle_dpo"] * 2,
 }
 
 
