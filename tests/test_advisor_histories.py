@@ -45,6 +45,7 @@ EXPECTED = {
     # brew, and serve"); from step 20 generic one-liners that satisfy the reward without answering
     # ("The art of crafting a cup of tea is a timeless craft ...", "The largest country by area is
     # Antarctica."), KL 0.50-0.58 nats per token: switch, from step 10, at every later checkpoint.
+    # With 15 hand-read labels; too few for the labelled win rate's interval to fire on its own.
     "fast_one_liners.json": ["keep_ppo"] + ["switch_now"] * 3,
     # Rules the base already meets (no lists, at most 6 lines, no insults), 40 steps: reward flat
     # near its maximum (1.9 of 2) from step 1. The advisor first asked for more base samples (144:
@@ -112,3 +113,6 @@ def test_a_fast_run_switches_from_its_last_state_before_the_kl_budget_broke_and_
         advice = advisor.advise(replace(evidence, run=at_checkpoint(evidence.run, k)))
         assert advice.verdict == "switch_now" and steps[advice.checkpoint_id] == 10
         assert "KL is" in advice.explanation
+    # 15 labels read by hand (start vs 10, 10 vs 20, 10 vs 40 on 6 eval prompts): the Gao et al. fit
+    # of labelled quality against sqrt(KL) puts the peak nearest step 10 too.
+    assert "closest to ppo-lr1e-3-kl0.05, checkpoint 1 (step 10); the run is past it" in advice.quality_peak
