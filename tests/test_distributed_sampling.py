@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from studio.core import distributed, ppo
-from tests.test_ppo import add_prompts, make_engine
+from tests.shaping_runs import add_prompts
+from tests.test_ppo import make_engine
 
 
 def as_rank(monkeypatch, rank: int, world: int) -> None:

@@ -13,16 +13,12 @@ from hypothesis import given, settings, strategies as st
 from studio.core import critic_free, grpo, ppo, rloo, runs, store
 from studio.core.models import add_lora
 from studio.core.run_process import RunProcess
+from tests.shaping_runs import add_prompts, comparable_metrics, straight_and_interrupted
 
 LETTERS = {"type": "regex", "pattern": "[a-z]", "forbid": True, "weight": -1.0, "name": "letters"}  # +1 per letter
 SMALL = {"prompts_per_step": 2, "num_generations": 3, "max_completion_length": 6, "eval_max_new_tokens": 4,
          "reward_sources": [LETTERS]}
-TIMINGS = ("time/", "tokens_per_second", "step_seconds", "memory/")
 METHODS = ("grpo", "rloo")
-
-
-def add_prompts(project, count: int = 8) -> None:
-    store.add_dataset(project.db, "prompts", "prompts", [{"prompt": f"Q{i}:"} for i in range(count)])
 
 
 def random_batch(seed: int, rows: int = 4, width: int = 5):
@@ -294,21 +290,8 @@ def test_stop_and_resume_give_the_same_run_as_no_interruption(project, method):
     add_prompts(project)
     overrides = {**SMALL, "max_steps": 4, "checkpoint_every": 2, "num_minibatches": 2, "num_iterations": 2,
                  "learning_rate": 1e-2}
-    straight = runs.create_run(project.db, runs.make_config(method, overrides))
-    assert runs.execute(project.path, straight) == "completed"
-
-    interrupted = runs.create_run(project.db, runs.make_config(method, overrides))
-    control = runs.RunControl()
-    assert runs.execute(project.path, interrupted, control,
-                        on_metrics=lambda record: control.stop() if record["step"] == 3 else None) == "stopped"
-    add_prompts(project, 3)  # imported in between: the resumed run keeps the prompts it started with
-    assert runs.execute(project.path, interrupted) == "completed"
-
-    def comparable(run_id):
-        return {name: series for name, series in store.run_metrics(project.db, run_id).items()
-                if not name.startswith(TIMINGS)}
-
-    assert comparable(interrupted) == comparable(straight)
+    straight, interrupted = straight_and_interrupted(project, method, overrides)
+    assert comparable_metrics(project.db, interrupted) == comparable_metrics(project.db, straight)
     assert [c["step"] for c in store.checkpoints(project.db, interrupted)] == [0, 2, 3, 4]  # 0: the start state
     for checkpoint in store.checkpoints(project.db, interrupted):  # eval samples at every checkpoint
         assert len(store.samples(project.db, checkpoint["id"])) == 4

@@ -8,14 +8,10 @@ import torch
 from studio.core import ppo, runs, store
 from studio.core.generation import encode_prompt, left_pad
 from studio.core.models import add_lora
+from tests.shaping_runs import add_prompts, comparable_metrics, straight_and_interrupted
 
 LETTERS = {"type": "regex", "pattern": "[a-z]", "forbid": True, "weight": -1.0, "name": "letters"}  # +1 per letter
 SMALL = {"prompts_per_step": 4, "max_new_tokens": 6, "eval_max_new_tokens": 4, "reward_sources": [LETTERS]}
-TIMINGS = ("time/", "tokens_per_second", "step_seconds", "memory/")
-
-
-def add_prompts(project, count: int = 8) -> None:
-    store.add_dataset(project.db, "prompts", "prompts", [{"prompt": f"Q{i}:"} for i in range(count)])
 
 
 def make_engine(project, **overrides) -> ppo.Engine:
@@ -198,26 +194,13 @@ def test_stop_and_resume_give_the_same_run_as_no_interruption(project):
     overrides = {**SMALL, "max_steps": 4, "checkpoint_every": 2, "num_minibatches": 2, "learning_rate": 1e-2,
                  "adaptive_kl": True, "target_kl": 0.5, "kl_horizon": 20, "reward_normalization": True,
                  "reward_clip": 3.0}
-    straight = runs.create_run(project.db, runs.make_config("ppo", overrides))
-    assert runs.execute(project.path, straight) == "completed"
-
-    interrupted = runs.create_run(project.db, runs.make_config("ppo", overrides))
-    control = runs.RunControl()
-    stop_after_three = lambda record: control.stop() if record["step"] == 3 else None
-    assert runs.execute(project.path, interrupted, control, on_metrics=stop_after_three) == "stopped"
-    add_prompts(project, 3)  # imported in between: the resumed run keeps the prompts it started with
-    assert runs.execute(project.path, interrupted) == "completed"
-
-    def comparable(run_id):
-        return {name: series for name, series in store.run_metrics(project.db, run_id).items()
-                if not name.startswith(TIMINGS)}
-
-    assert comparable(interrupted) == comparable(straight)
-    kl_coef = comparable(straight)["kl_coef"][1]
+    straight, interrupted = straight_and_interrupted(project, "ppo", overrides)
+    assert comparable_metrics(project.db, interrupted) == comparable_metrics(project.db, straight)
+    kl_coef = comparable_metrics(project.db, straight)["kl_coef"][1]
     assert len(set(kl_coef)) > 1  # the adaptive controller moved, and its state survived the resume
     assert [c["step"] for c in store.checkpoints(project.db, interrupted)] == [0, 2, 3, 4]  # 0: the start state
     # The raw reward is the sources' total (minus the letter count's weight -1) before normalisation.
-    metrics = comparable(straight)
+    metrics = comparable_metrics(project.db, straight)
     assert metrics["objective/raw_reward"][1] == [-v for v in metrics["reward/letters"][1]]
     assert metrics["objective/raw_reward"][1] != metrics["objective/scores"][1]
     for checkpoint in store.checkpoints(project.db, interrupted):  # eval samples at every checkpoint
