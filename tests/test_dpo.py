@@ -1,6 +1,7 @@
 """The DPO engine: losses against hand computations, masking, truncation, the reference cache, the
 LM-head-only path, exact resume (after a stop and after kill -9), learning, export."""
 
+import itertools
 import logging
 import math
 import os
@@ -135,12 +136,30 @@ def test_tokenization_matches_trl_for_chat_and_plain_text(tiny_model_dir):
 
 def test_collate_masks_come_from_lengths_not_token_ids():
     pad = 5  # the same id as a real response token, as when pad == eos
-    batch = dpo.collate_pairs([TokenizedPair(prompt=[1, 2], chosen=[3, 5], rejected=[5])], pad_id=pad)
+    batch = dpo.collate_pairs([TokenizedPair(prompt=[1, 2], chosen=[3, 5], rejected=[5])], pad_id=pad,
+                              shared_prompts=False)
     assert batch.input_ids.tolist() == [[1, 2, 3, 5], [1, 2, 5, pad]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert batch.rows.tolist() == [0, 0, 1] and batch.cols.tolist() == [1, 2, 1]
     assert batch.targets.tolist() == [3, 5, 5]  # responses only, their final (end-of-turn) token included
-    assert batch.response_lengths.tolist() == [2, 1]
+    assert batch.response_lengths.tolist() == [2, 1] and batch.num_tokens == 7
+
+
+def test_shared_prompt_rows_hold_a_pair_whose_rejected_response_cannot_see_the_chosen_one():
+    pad = 5
+    pairs = [TokenizedPair(prompt=[1, 2], chosen=[3, 5], rejected=[5]), TokenizedPair([7], [8], [9, 5])]
+    batch = dpo.collate_pairs(pairs, pad_id=pad)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 5, 5], [7, 8, 9, 5, pad]]
+    assert batch.position_ids[:, :4].tolist() == [[0, 1, 2, 3], [0, 1, 1, 2]]  # both responses follow the prompt
+    assert batch.position_ids[0, 4] == 2
+    T, F = True, False
+    assert batch.attention_mask[:, 0].tolist() == [
+        [[T, F, F, F, F], [T, T, F, F, F], [T, T, T, F, F], [T, T, T, T, F], [T, T, F, F, T]],
+        [[T, F, F, F, F], [T, T, F, F, F], [T, F, T, F, F], [T, F, T, T, F], [F, F, F, F, T]]]
+    # responses: chosen of pair 0, of pair 1, then rejected of pair 0, of pair 1
+    scored = sorted(zip(batch.responses.tolist(), batch.rows.tolist(), batch.cols.tolist(), batch.targets.tolist()))
+    assert scored == [(0, 0, 1, 3), (0, 0, 2, 5), (1, 1, 0, 8), (2, 0, 1, 5), (3, 1, 0, 9), (3, 1, 2, 5)]
+    assert batch.response_lengths.tolist() == [2, 1, 1, 2] and batch.num_tokens == 9
 
 
 def per_token_loop_logps(model, pair: TokenizedPair) -> list[float]:
@@ -161,9 +180,9 @@ def test_sequence_logps_count_response_tokens_only(tiny_policy):
              TokenizedPair([13], [14, 15, 16, 17, eos], [eos]),
              TokenizedPair([18, 19, 20, 21, 22, 23], [eos], [24, 25, 26, eos])]
     expected_chosen, expected_rejected = zip(*(per_token_loop_logps(policy, pair) for pair in pairs))
-    for pad in (eos, 0):  # whatever the padding id, padding never counts
+    for pad, shared_prompts in itertools.product((eos, 0), (True, False)):  # padding never counts
         with torch.no_grad():
-            logps = dpo.sequence_logps(policy, dpo.collate_pairs(pairs, pad))
+            logps = dpo.sequence_logps(policy, dpo.collate_pairs(pairs, pad, shared_prompts))
         assert logps.tolist() == pytest.approx([*expected_chosen, *expected_rejected], abs=1e-5)
 
 
@@ -190,8 +209,41 @@ def test_reference_logps_are_the_policy_logps_with_the_adapter_disabled(tiny_pol
     pairs = [dpo.tokenize_pair(tokenizer, chat_pair(i, "Yes " * i, "No " * (5 - i))) for i in range(5)]
     chosen, rejected = dpo.reference_logps(policy, pairs, tokenizer.pad_token_id, batch_size=2, device="cpu")
     with torch.no_grad(), policy.disable_adapter():
-        expected = dpo.sequence_logps(policy, dpo.collate_pairs(pairs, tokenizer.pad_token_id))
+        expected = dpo.sequence_logps(policy, dpo.collate_pairs(pairs, tokenizer.pad_token_id, shared_prompts=False))
     assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-5)
+
+
+def lora_gradients(policy, batch) -> dict[str, torch.Tensor]:
+    policy.zero_grad()
+    logps = dpo.sequence_logps(policy, batch)
+    (logps * torch.linspace(-1, 2, len(logps))).sum().backward()  # a weight per response: any mix-up shows
+    return {name: p.grad.clone() for name, p in policy.named_parameters() if p.requires_grad}
+
+
+def test_shared_prompt_rows_give_the_gradients_of_separate_sequences(tiny_policy):
+    policy, tokenizer = tiny_policy
+    pairs = [dpo.tokenize_pair(tokenizer, chat_pair(i, "Yes " * i, "No " * (5 - i))) for i in range(4)]
+    shared = lora_gradients(policy, dpo.collate_pairs(pairs, tokenizer.pad_token_id))
+    apart = lora_gradients(policy, dpo.collate_pairs(pairs, tokenizer.pad_token_id, shared_prompts=False))
+    assert shared.keys() == apart.keys() and len(shared) > 0
+    for name in shared:
+        assert torch.allclose(shared[name], apart[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_shared_prompts_work_with_eager_attention_too(tiny_policy):
+    policy, _ = tiny_policy
+    dpo.unwrap(policy).set_attn_implementation("eager")  # adds the mask to the scores instead of taking booleans
+    assert dpo.shared_prompts_match(policy, max_length=1024)
+
+
+def test_shared_prompts_are_not_used_under_a_sliding_window_shorter_than_max_length():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=256)
+    model = MistralForCausalLM(config)
+    assert dpo.shared_prompts_match(model, max_length=256)
+    assert not dpo.shared_prompts_match(model, max_length=257)
 
 
 def test_models_that_rescale_logits_use_the_full_forward():
@@ -199,7 +251,9 @@ def test_models_that_rescale_logits_use_the_full_forward():
 
     config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
-    assert not dpo.head_only_matches_forward(Gemma2ForCausalLM(config))
+    model = Gemma2ForCausalLM(config)
+    assert not dpo.head_only_matches_forward(model)
+    assert dpo.shared_prompts_match(model, max_length=1024)  # its eager attention takes the shared-prompt mask
 
 
 # --- truncation -------------------------------------------------------------------------------
@@ -286,9 +340,9 @@ def test_a_short_run_computes_reference_logps_only_for_the_pairs_it_trains_on(pr
     engine_order = dpo.epoch_order([pair.length for pair in data.pairs], window=16, seed=0, epoch=0)
     assert sorted(engine_order[:8]) == computed
     assert all(math.isfinite(v) for v in store.run_metrics(project.db, run_id)["loss"][1])
-    # The pass reported its progress, 16 sequences (chosen and rejected of 8 pairs) in all.
+    # The pass reported its progress, 8 pairs in all.
     reference = [(done, total) for phase, done, total in reports if phase.startswith("Reference pass")]
-    assert reference[0] == (0, 16) and reference[-1] == (16, 16)
+    assert reference[0] == (0, 8) and reference[-1] == (8, 8)
     assert [phase for phase, _, _ in reports][0] == "Loading the model"
 
 

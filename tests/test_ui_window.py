@@ -292,7 +292,7 @@ def test_long_phases_show_progress_and_stop_now_ends_a_run_in_its_reference_pass
     loading = [entry for entry in seen if entry[0] == "Loading the model"][0]
     assert loading[1].startswith("Loading the model 0/1") and "Loading the model" in loading[3]
     reference = [entry for entry in seen if entry[0].startswith("Reference pass")][0]
-    assert reference[1].startswith("Reference pass (sequences) 0/") and "Reference pass" in reference[2]
+    assert reference[1].startswith("Reference pass (pairs) 0/") and "Reference pass" in reference[2]
     assert store.get_run(window.project.db, run_id)["status"] == "stopped"
     assert store.checkpoints(window.project.db, run_id) == [] and store.run_metrics(window.project.db, run_id) == {}
     qtbot.waitUntil(lambda: not window.queue.busy, timeout=TIMEOUT)

@@ -13,8 +13,10 @@ What it does, in TRL's vocabulary (TRL 1.16 ``DPOTrainer``):
   ``max_steps`` will reach (all of them once the run spans an epoch; a 4-step run needs 16, not the
   whole dataset), and stored with the run's tokenized pairs in ``run_dir`` (the data a run trains on
   is fixed when it starts; pairs it never reaches keep NaN);
-* one step = ``gradient_accumulation_steps`` forward passes of ``batch_size`` pairs, chosen and
-  rejected sequences in one forward, the LM head applied only where a response token is predicted.
+* one step = ``gradient_accumulation_steps`` forward passes of ``batch_size`` pairs, each pair in one
+  row: its prompt once, then both responses, which each see the prompt but not each other (so the
+  prompt is computed once and the short response is not padded to the long one's length); the LM
+  head applied only where a response token is predicted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -101,7 +104,7 @@ class Config(TrainConfig):
     max_length: int = 1024  # prompt + response tokens; a pair that needs its response cut is skipped
     dataset_ids: list[int] | None = None  # preference datasets to train on; None: all of them
     include_labels: bool = True  # also train on the pairs made from the project's labels
-    ref_batch_size: int = 32  # pairs' worth of sequences per no-grad forward for the reference log-probs
+    ref_batch_size: int = 32  # pairs per no-grad forward for the reference log-probs
 
 
 def training_pairs(config: Config, db) -> list[dict]:
@@ -263,45 +266,101 @@ def tokenize_pairs(config: Config, tokenizer, rows: list[dict]) -> tuple[list[To
 
 @dataclass
 class Batch:
-    """Right-padded sequences (prompt + response) and where their response tokens are.
+    """Right-padded rows of tokens, and which response token each scored position predicts.
 
-    Every mask comes from lengths, never from token ids: the pad token is often the EOS token.
+    A row holds one sequence (prompt + response) or, in the shared-prompt layout, a whole pair: its
+    prompt once, then the chosen response, then the rejected one, which sees the prompt but not the
+    chosen response. Every mask comes from lengths, never from token ids: the pad token is often the
+    EOS token.
     """
 
-    input_ids: torch.Tensor  # [sequences, width]
-    attention_mask: torch.Tensor  # [sequences, width]
-    rows: torch.Tensor  # [N] for each scored response token: its sequence...
-    cols: torch.Tensor  # [N] ...and the position whose hidden state predicts it
-    targets: torch.Tensor  # [N] the response token itself
-    response_lengths: torch.Tensor  # [sequences] scored tokens per sequence
+    input_ids: torch.Tensor  # [rows, width]
+    attention_mask: torch.Tensor  # [rows, width] 1 for a real token; shared prompts: [rows, 1, width, width] bool
+    position_ids: torch.Tensor  # [rows, width] each token's position in its own sequence
+    rows: torch.Tensor  # [N] for each scored response token: its row...
+    cols: torch.Tensor  # [N] ...the position whose hidden state predicts it...
+    targets: torch.Tensor  # [N] ...the token itself...
+    responses: torch.Tensor  # [N] ...and which response it belongs to (chosen ones first, then rejected)
+    response_lengths: torch.Tensor  # [responses] scored tokens per response
+    num_tokens: int  # real (not padding) tokens in the batch
 
     def to(self, device) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Batch(**{f.name: getattr(self, f.name) if f.name == "num_tokens" else getattr(self, f.name).to(device)
+                        for f in fields(self)})
 
     @property
-    def num_sequences(self) -> int:
-        return self.input_ids.shape[0]
+    def num_responses(self) -> int:
+        return len(self.response_lengths)
+
+
+class _Rows:
+    """Builds a Batch row by row: tokens, positions, and the response tokens to score."""
+
+    def __init__(self) -> None:
+        self.tokens, self.positions, self.scored = [], [], []  # scored: (row, col, token index, response)
+
+    def add_row(self, tokens: list[int], positions: list[int]) -> int:
+        self.tokens.append(tokens)
+        self.positions.append(positions)
+        return len(self.tokens) - 1
+
+    def score(self, row: int, response: int, start: int, length: int, predictor: int) -> None:
+        """Score the `length` response tokens at `start` in `row`; `predictor` is the position that predicts
+        the first of them (the prompt's last token; -1 when there is no prompt: then it is not scored)."""
+        for k in range(length):
+            col = predictor if k == 0 else start + k - 1
+            if col >= 0:
+                self.scored.append((row, col, start + k, response))
+
+    def batch(self, pad_id: int, num_responses: int, allowed: torch.Tensor | None = None) -> Batch:
+        width = max(len(tokens) for tokens in self.tokens)
+        input_ids = torch.full((len(self.tokens), width), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(self.tokens), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(self.tokens), width), dtype=torch.long)
+        for row, (tokens, positions) in enumerate(zip(self.tokens, self.positions)):
+            input_ids[row, :len(tokens)] = torch.tensor(tokens)
+            position_ids[row, :len(tokens)] = torch.tensor(positions)
+            attention_mask[row, :len(tokens)] = 1
+        rows, cols, token_cols, responses = (torch.tensor(column, dtype=torch.long) for column in zip(*self.scored))
+        return Batch(input_ids, attention_mask if allowed is None else allowed, position_ids,
+                     rows, cols, targets=input_ids[rows, token_cols], responses=responses,
+                     response_lengths=torch.bincount(responses, minlength=num_responses),
+                     num_tokens=int(attention_mask.sum()))
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
-    sequences = [prompt + response for prompt, response in zip(prompts, responses)]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    rows, cols = [], []
-    for row, (sequence, prompt) in enumerate(zip(sequences, prompts)):
-        input_ids[row, :len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, :len(sequence)] = 1
-        first = max(len(prompt), 1)  # a sequence's first token has nothing before it to predict it
-        rows += [row] * (len(sequence) - first)
-        cols += range(first - 1, len(sequence) - 1)
-    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    return Batch(input_ids, attention_mask, rows, cols, targets=input_ids[rows, cols + 1],
-                 response_lengths=torch.bincount(rows, minlength=len(sequences)))
+    """One row per sequence, prompt then response."""
+    builder = _Rows()
+    for index, (prompt, response) in enumerate(zip(prompts, responses)):
+        row = builder.add_row(prompt + response, list(range(len(prompt) + len(response))))
+        builder.score(row, index, len(prompt), len(response), predictor=len(prompt) - 1)
+    return builder.batch(pad_id, len(prompts))
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> Batch:
-    """P pairs as 2P sequences for one forward pass: the chosen ones, then the rejected ones."""
+def collate_shared_prompts(pairs: list[TokenizedPair], pad_id: int) -> Batch:
+    """One row per pair: the prompt once, then the chosen and the rejected response. Both responses
+    continue from the prompt (the rejected one's positions restart where the chosen one's began) and
+    the rejected one cannot see the chosen one, so each scores as it would in a sequence of its own,
+    without computing the prompt twice or padding the shorter response to the longer one."""
+    builder = _Rows()
+    widths = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
+    allowed = torch.zeros((len(pairs), 1, max(widths), max(widths)), dtype=torch.bool)
+    allowed[:, 0] = torch.eye(max(widths), dtype=torch.bool)  # a padding token sees itself alone: no empty rows
+    for index, (pair, width) in enumerate(zip(pairs, widths)):
+        prompt, chosen = len(pair.prompt), len(pair.chosen)
+        positions = list(range(prompt + chosen)) + list(range(prompt, prompt + len(pair.rejected)))
+        row = builder.add_row(pair.prompt + pair.chosen + pair.rejected, positions)
+        builder.score(row, index, prompt, chosen, predictor=prompt - 1)
+        builder.score(row, len(pairs) + index, prompt + chosen, len(pair.rejected), predictor=prompt - 1)
+        allowed[index, 0, :width, :width] = torch.ones((width, width), dtype=torch.bool).tril()
+        allowed[index, 0, prompt + chosen:width, prompt:prompt + chosen] = False  # rejected does not see chosen
+    return builder.batch(pad_id, 2 * len(pairs), allowed)
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, shared_prompts: bool = True) -> Batch:
+    """P pairs for one forward pass; their 2P responses are the chosen ones, then the rejected ones."""
+    if shared_prompts:
+        return collate_shared_prompts(pairs, pad_id)
     return collate([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
@@ -327,8 +386,18 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def model_inputs(causal_lm, batch: Batch) -> dict:
+    """The forward pass's arguments. A shared-prompt mask is boolean, as SDPA takes it; other attention
+    implementations add it to the scores, so they get 0 where a token may attend and -inf-like elsewhere."""
+    mask = batch.attention_mask
+    if mask.dim() == 4 and causal_lm.config._attn_implementation != "sdpa":
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids,
+            "use_cache": False}
+
+
 def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
-    """Sum of the response tokens' log-probs for each of the batch's sequences: shape [sequences].
+    """Sum of the response tokens' log-probs for each of the batch's responses: shape [responses].
 
     `head_only`: run the transformer body, then the LM head only at the positions that predict a
     response token (calling the head module, so a LoRA adapter on it still applies). Otherwise
@@ -336,60 +405,86 @@ def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
     """
     causal_lm = unwrap(model)
     if head_only:
-        hidden = causal_lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      use_cache=False).last_hidden_state
+        hidden = causal_lm.base_model(**model_inputs(causal_lm, batch)).last_hidden_state
         scoring_states = hidden[batch.rows, batch.cols]
         head = causal_lm.get_output_embeddings()
 
         def logits_at(span: slice) -> torch.Tensor:
             return head(scoring_states[span])
     else:
-        logits = causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           use_cache=False).logits[batch.rows, batch.cols]
+        logits = causal_lm(**model_inputs(causal_lm, batch)).logits[batch.rows, batch.cols]
 
         def logits_at(span: slice) -> torch.Tensor:
             return logits[span]
     spans = [slice(start, start + HEAD_CHUNK) for start in range(0, len(batch.targets), HEAD_CHUNK)]
     token_logps = torch.cat([-F.cross_entropy(logits_at(span).float(), batch.targets[span], reduction="none")
                              for span in spans])
-    sums = torch.zeros(batch.num_sequences, device=token_logps.device, dtype=token_logps.dtype)
-    return sums.index_add(0, batch.rows, token_logps)
+    sums = torch.zeros(batch.num_responses, device=token_logps.device, dtype=token_logps.dtype)
+    return sums.index_add(0, batch.responses, token_logps)
+
+
+@contextmanager
+def evaluating(causal_lm):
+    """No dropout inside: a probe's two forwards must see the same weights."""
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        yield
+    finally:
+        causal_lm.train(was_training)
 
 
 @torch.no_grad()
 def head_only_matches_forward(model) -> bool:
     """Whether body + LM head give the model's own logits (not so for models that soft-cap or scale them)."""
     causal_lm = unwrap(model)
-    was_training = causal_lm.training
-    causal_lm.eval()  # no dropout: both forwards must see the same weights
-    try:
+    with evaluating(causal_lm):
         probe = torch.arange(1, 9, device=next(causal_lm.parameters()).device).unsqueeze(0)
         logits = causal_lm.get_output_embeddings()(causal_lm.base_model(input_ids=probe).last_hidden_state)
         return torch.allclose(logits, causal_lm(input_ids=probe).logits, rtol=1e-4, atol=1e-4)
-    finally:
-        causal_lm.train(was_training)
+
+
+PROBE_PAIRS = [TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8, 9]), TokenizedPair([2, 3], [4, 5, 6, 7, 8], [9])]
+
+
+@torch.no_grad()
+def shared_prompts_match(model, max_length: int) -> bool:
+    """Whether a pair scored in one row (``collate_shared_prompts``) gets the log-probs its two sequences
+    get apart. Not so where attention takes no custom mask (flash-attention kernels), nor under a sliding
+    window shorter than max_length, which the custom mask would override."""
+    causal_lm = unwrap(model)
+    window = getattr(causal_lm.config, "sliding_window", None)
+    if window is not None and window < max_length:
+        return False
+    device = next(causal_lm.parameters()).device
+    with evaluating(causal_lm):
+        apart = sequence_logps(model, collate_pairs(PROBE_PAIRS, 0, shared_prompts=False).to(device), False)
+        try:
+            shared = sequence_logps(model, collate_pairs(PROBE_PAIRS, 0).to(device), False)
+        except (RuntimeError, ValueError, TypeError) as e:
+            logger.info("Shared-prompt scoring is not available for this model: %s", e)
+            return False
+        return torch.allclose(shared, apart, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, device: str,
-                    head_only: bool = True, on_progress: Progress = ignore) -> tuple[torch.Tensor, torch.Tensor]:
+                    head_only: bool = True, shared_prompts: bool = True,
+                    on_progress: Progress = ignore) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-probs of every pair under the reference: the model with its adapter disabled.
 
-    Without gradients, chosen and rejected need not share a forward pass: sequences of similar
-    lengths are batched together (`batch_size` pairs' worth at a time), so there is little padding.
+    Pairs of similar lengths are batched together (`batch_size` pairs at a time), so there is little padding.
     """
-    prompts = [p.prompt for p in pairs] * 2
-    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    logps = torch.empty(len(prompts))
-    on_progress("Reference pass (sequences)", 0, len(order))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected))
+    chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
+    on_progress("Reference pass (pairs)", 0, len(order))
     with model.disable_adapter(), autocast(device):
-        for start in range(0, len(order), 2 * batch_size):
-            indices = order[start:start + 2 * batch_size]
-            batch = collate([prompts[i] for i in indices], [responses[i] for i in indices], pad_id).to(device)
-            logps[indices] = sequence_logps(model, batch, head_only).float().cpu()
-            on_progress("Reference pass (sequences)", start + len(indices), len(order))
-    return logps[:len(pairs)], logps[len(pairs):]
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            batch = collate_pairs([pairs[i] for i in indices], pad_id, shared_prompts).to(device)
+            chosen[indices], rejected[indices] = sequence_logps(model, batch, head_only).float().cpu().chunk(2)
+            on_progress("Reference pass (pairs)", start + len(indices), len(order))
+    return chosen, rejected
 
 
 # --- the run's data: tokenized pairs and their reference log-probs, fixed when the run starts ---
@@ -436,7 +531,7 @@ def pairs_reached(config: Config, lengths: list[int]) -> list[int]:
 
 
 def prepare_run_data(config: Config, model, tokenizer, rows: list[dict], device: str, run_dir: Path,
-                     head_only: bool, on_progress: Progress = ignore) -> RunData:
+                     head_only: bool, shared_prompts: bool, on_progress: Progress = ignore) -> RunData:
     """Load the run's data from `run_dir`, or tokenize the pairs, run the reference pass once over
     the pairs the run will reach, and store both.
 
@@ -452,7 +547,7 @@ def prepare_run_data(config: Config, model, tokenizer, rows: list[dict], device:
     ref_rejected = torch.full((len(pairs),), math.nan)
     ref_chosen[reached], ref_rejected[reached] = reference_logps(
         model, [pairs[i] for i in reached], tokenizer.pad_token_id, config.ref_batch_size, device, head_only,
-        on_progress)
+        shared_prompts, on_progress)
     data = RunData(pairs, ref_chosen, ref_rejected, skipped)
     if distributed.is_main():
         data.save(path)
@@ -478,7 +573,12 @@ class Engine:
         self.head_only = head_only_matches_forward(policy)
         if not self.head_only:
             logger.warning("This model transforms its logits after the LM head: computing full logits (slower)")
-        data = prepare_run_data(config, policy, tokenizer, data.pairs, device, run_dir, self.head_only, on_progress)
+        self.shared_prompts = shared_prompts_match(policy, config.max_length)
+        if not self.shared_prompts:
+            logger.warning("This model's attention cannot score a pair's two responses after one prompt: "
+                           "each pair is scored as two padded sequences (slower)")
+        data = prepare_run_data(config, policy, tokenizer, data.pairs, device, run_dir, self.head_only,
+                                self.shared_prompts, on_progress)
         self.pairs, self.skipped = data.pairs, data.skipped
         self.ref_chosen, self.ref_rejected = data.ref_chosen, data.ref_rejected
         self.lengths = [pair.length for pair in self.pairs]
@@ -513,7 +613,7 @@ class Engine:
         for indices in map(distributed.shard, step_batches):
             if not indices:
                 continue
-            batch = collate_pairs([self.pairs[i] for i in indices], self.pad_id).to(self.device)
+            batch = collate_pairs([self.pairs[i] for i in indices], self.pad_id, self.shared_prompts).to(self.device)
             with autocast(self.device):
                 logps = sequence_logps(self.model, batch, self.head_only).float()
             chosen_logps, rejected_logps = logps.chunk(2)
@@ -527,8 +627,7 @@ class Engine:
             rejected_rewards = self.config.beta * rejected_logratios.detach()
             per_pair = (losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
                         chosen_rewards - rejected_rewards, chosen_logps.detach(), rejected_logps.detach())
-            sums += torch.tensor([values.sum().item() for values in per_pair] + [batch.attention_mask.sum().item()],
-                                 dtype=torch.float64)
+            sums += torch.tensor([values.sum().item() for values in per_pair] + [batch.num_tokens], dtype=torch.float64)
         distributed.sum_gradients(self.trainable)
         distributed.all_reduce_sum(sums)
 
