@@ -487,7 +487,7 @@ def response_logps(model, pairs):
     from studio.core import dpo
 
     with torch.no_grad():
-        chosen, _ = dpo.sequence_logps(model, dpo.collate_pairs(pairs, pad_id=0)).chunk(2)
+        chosen, _ = dpo.chosen_and_rejected(dpo.sequence_logps(model, dpo.collate_pairs(pairs, pad_id=0)))
     return chosen
 
 

