@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from studio.core import critic_free, grpo, ppo, rloo, runs, store
+from studio.core.generation import Generation, encode_prompt
 from studio.core.models import add_lora
 from studio.core.run_process import RunProcess
 from tests.shaping_runs import add_prompts, comparable_metrics, straight_and_interrupted
@@ -255,6 +256,43 @@ def test_first_iteration_is_on_policy_and_later_ones_are_not(project, method, mo
     assert torch.equal(first_new, first_old)  # ratio exactly 1 before any update
     assert not torch.equal(last_new, last_old)  # the importance ratio is live in later iterations
     assert torch.equal(last_old, first_old)  # always against the sampling-time log-probs
+
+
+def test_a_groups_completions_after_one_prompt_score_as_they_do_one_per_row(project):
+    add_prompts(project)
+    engine = make_engine(project, "grpo", max_completion_length=6)
+    assert engine.takes_shared_layout
+    pad, temperature = engine.tokenizer.pad_token_id, 0.7
+    prompts = ["Q1:"] * 3 + ["A much longer question, the second:"] * 3  # prompts of two lengths: left padding
+    lengths = [6, 2, 4, 1, 5, 3]  # completions of several lengths, some shorter than the longest
+    generations = [Generation("", encode_prompt(engine.tokenizer, prompt), list(range(10, 10 + length)), True)
+                   for prompt, length in zip(prompts, lengths)]
+    rollout = ppo.make_rollout(prompts, generations, pad, "cpu")
+    with torch.no_grad():
+        one_per_row = ppo.forward_responses(engine.model, rollout, torch.arange(6), temperature, "cpu")
+        # all rows; every other row (a rank's share of two); a chunk that cuts both groups
+        for rows in (torch.arange(6), torch.tensor([0, 2, 4]), torch.tensor([1, 2, 3])):
+            logprobs, vocab_logprobs = critic_free.forward_groups(engine.model, rollout, rows, 3, temperature, pad,
+                                                                  "cpu")
+            mask = rollout.mask[rows]
+            assert torch.allclose(logprobs[mask], one_per_row.logprobs[rows][mask], atol=1e-5)
+            assert torch.allclose(vocab_logprobs[mask], one_per_row.vocab_logprobs[rows][mask], atol=1e-5)
+            assert not logprobs[~mask].any() and not vocab_logprobs[~mask].any()  # nothing past a completion's end
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_step_with_shared_prompt_rows_is_the_step_with_one_row_per_completion(project, method):
+    add_prompts(project)
+    results = []
+    for shared in (True, False):
+        engine = make_engine(project, method, num_iterations=2, learning_rate=1e-2)
+        engine.takes_shared_layout = shared
+        metrics = engine.train_step(0)
+        results.append((metrics, [p.detach().clone() for p in engine.parameters]))
+    (shared_metrics, shared_parameters), (apart_metrics, apart_parameters) = results
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared_parameters, apart_parameters))
+    for name in ("loss", "entropy", "reward", "kl", "clip_ratio/region_mean"):
+        assert shared_metrics[name] == pytest.approx(apart_metrics[name], rel=1e-4, abs=1e-6), name
 
 
 def test_truncated_completions_count_for_nothing_when_masked(project):

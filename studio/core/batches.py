@@ -147,15 +147,18 @@ def evaluating(causal_lm):
 PROBE = ([1, 2, 3], [[4, 5], [6, 7, 8, 9]]), ([2, 3], [[4, 5, 6, 7, 8], [9], [5]])
 
 
+def within_sliding_window(model, length: int) -> bool:
+    """Whether sequences of `length` tokens fit the model's sliding attention window (if it has one),
+    which a custom mask would override."""
+    window = getattr(unwrap(model).config, "sliding_window", None)
+    return window is None or length <= window
+
+
 @torch.no_grad()
-def shared_prompts_match(model, max_length: int) -> bool:
-    """Whether responses scored after a shared prompt get the log-probs they get alone. Not so where
-    attention takes no custom mask (flash-attention kernels), nor under a sliding window shorter
-    than max_length, which the custom mask would override."""
+def attention_takes_shared_layout(model) -> bool:
+    """Whether responses scored after a shared prompt get the log-probs they get alone: not so where
+    attention takes no custom mask (flash-attention kernels, for one)."""
     causal_lm = unwrap(model)
-    window = getattr(causal_lm.config, "sliding_window", None)
-    if window is not None and window < max_length:
-        return False
     device = next(causal_lm.parameters()).device
     alone = collate([prompt for prompt, responses in PROBE for _ in responses],
                     [response for _, responses in PROBE for response in responses], pad_id=0).to(device)
@@ -167,3 +170,8 @@ def shared_prompts_match(model, max_length: int) -> bool:
         except (RuntimeError, ValueError, TypeError):
             return False
     return torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def shared_prompts_match(model, max_length: int) -> bool:
+    """Whether the shared layout scores as separate sequences do, for sequences up to `max_length` tokens."""
+    return within_sliding_window(model, max_length) and attention_takes_shared_layout(model)

@@ -36,11 +36,12 @@ from typing import NamedTuple
 import torch
 
 from . import distributed, rewards
+from .batches import attention_takes_shared_layout, collate_shared, scored_logits, within_sliding_window
 from .generation import Generation, stop_token_ids
 from .progress import Progress, ignore
 from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, rollout_seed,
                   run_prompts, sample_and_score, sample_generations, saved_prompt_ids, select_data, sharded_logprobs)
-from .runs import TrainConfig, make_optimizer, peak_memory_mb
+from .runs import TrainConfig, autocast, make_optimizer, peak_memory_mb
 
 
 # --- the maths every critic-free engine uses --------------------------------------------------
@@ -81,6 +82,35 @@ class BatchSize(NamedTuple):
     sequences: int  # completions in the batch
     tokens: int  # completion tokens that count in the loss (after masking)
     max_completion_length: int
+
+
+def forward_groups(model, rollout: Rollout, rows: torch.Tensor, group_size: int, temperature: float,
+                   pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's (log-probs [rows, width], vocab log-softmax [rows, width, vocab]) at the completion
+    tokens of rollout rows `rows`, as ``ppo.forward_responses`` gives them, but with each group's
+    completions in one row after their prompt, computed once (``batches.collate_shared``); 0 past
+    each completion's end, where nothing counts."""
+    members: dict[int, list[int]] = {}  # group -> the places in `rows` of its rows
+    for place, row in enumerate(rows.tolist()):
+        members.setdefault(row // group_size, []).append(place)
+    prompt_ids, prompt_mask = (values[:, :rollout.context_length] for values in (rollout.input_ids, rollout.attention_mask))
+    lengths = rollout.lengths.tolist()
+
+    def completion(place: int) -> list[int]:
+        row = int(rows[place])
+        return rollout.responses[row, :lengths[row]].tolist()
+
+    groups = [(prompt_ids[int(rows[places[0]])][prompt_mask[int(rows[places[0]])].bool()].tolist(),
+               [completion(place) for place in places]) for places in members.values()]
+    batch = collate_shared(groups, pad_id).to(device)
+    with autocast(device):
+        logits = scored_logits(model, batch)
+    vocab_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    places = torch.tensor([place for places in members.values() for place in places], device=device)
+    width = rollout.responses.shape[1]
+    by_row = vocab_logprobs.new_zeros(len(rows), width, vocab_logprobs.shape[-1])
+    by_row = by_row.index_put((places[batch.responses], batch.offsets), vocab_logprobs)
+    return by_row.gather(-1, rollout.responses[rows].unsqueeze(-1)).squeeze(-1), by_row
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -156,6 +186,7 @@ class Engine:
         self.parameters = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(config, self.parameters)
         self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, data.reward_root, device)
+        self.takes_shared_layout = attention_takes_shared_layout(policy)
 
     # -- the maths of the method --
 
@@ -187,9 +218,18 @@ class Engine:
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         """[completions, width] log-probs of the completions under the current model, chunk by chunk
         (data-parallel: this rank's share of each chunk, the rest gathered)."""
-        return sharded_logprobs(
-            lambda rows: forward_responses(self.model, rollout, rows, self.config.temperature, self.device).logprobs,
-            rollout, self.config.num_minibatches, self.device)
+        return sharded_logprobs(lambda rows: self.forward(rollout, rows)[0], rollout, self.config.num_minibatches,
+                                self.device)
+
+    def forward(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, vocab log-softmax) of rows `rows`' completion tokens: each group's completions after
+        their prompt in one row where the model takes that layout, else one row per completion."""
+        config = self.config
+        if self.takes_shared_layout and within_sliding_window(self.model, rollout.input_ids.shape[1]):
+            return forward_groups(self.model, rollout, rows, config.num_generations, config.temperature,
+                                  self.tokenizer.pad_token_id, self.device)
+        forward = forward_responses(self.model, rollout, rows, config.temperature, self.device)
+        return forward.logprobs, forward.vocab_logprobs
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         """Under the reference (the adapter disabled); None when beta is 0 and nothing needs them."""
@@ -219,14 +259,14 @@ class Engine:
         for rows in map(distributed.shard, self.chunks(rollout)):
             if not len(rows):
                 continue
-            forward = forward_responses(self.model, rollout, rows, config.temperature, self.device)
-            old = forward.logprobs.detach() if old_logprobs is None else old_logprobs[rows]
-            loss = self.loss(forward.logprobs, old, None if ref_logprobs is None else ref_logprobs[rows],
+            chunk_logprobs, vocab_logprobs = self.forward(rollout, rows)
+            old = chunk_logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+            loss = self.loss(chunk_logprobs, old, None if ref_logprobs is None else ref_logprobs[rows],
                              advantages[rows], mask[rows], batch)
             loss.backward()
-            logprobs[rows] = forward.logprobs.detach()
+            logprobs[rows] = chunk_logprobs.detach()
             with torch.no_grad():
-                entropy = torch.where(mask[rows], entropy_from_logprobs(forward.vocab_logprobs), 0).sum()
+                entropy = torch.where(mask[rows], entropy_from_logprobs(vocab_logprobs), 0).sum()
                 sums += torch.stack([entropy, loss.detach()])
         distributed.sum_gradients(self.parameters)
         distributed.all_reduce_sum(logprobs)
