@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from studio.core import dpo, runs, store
-from studio.core.batches import shared_prompts_match
+from studio.core.batches import head_only_matches_forward, shared_prompts_match
 from studio.core.dpo import TokenizedPair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,13 +181,13 @@ def test_lm_head_only_on_responses_equals_full_forward(tiny_policy):
     assert torch.allclose(head_only, full, rtol=1e-5, atol=1e-5)
     with policy.disable_adapter():
         assert not torch.allclose(dpo.sequence_logps(policy, batch), head_only, atol=1e-3)  # the adapter mattered
-    assert dpo.head_only_matches_forward(policy)
+    assert head_only_matches_forward(policy)
 
 
 def test_lora_dropout_does_not_fool_the_head_only_probe(tiny_model_dir):
     policy, _ = tiny_lora_policy(tiny_model_dir, dropout=0.5)
     policy.train()
-    assert dpo.head_only_matches_forward(policy) and policy.training
+    assert head_only_matches_forward(policy) and policy.training
 
 
 def test_reference_logps_are_the_policy_logps_with_the_adapter_disabled(tiny_policy):
@@ -222,7 +222,7 @@ def test_models_that_rescale_logits_use_the_full_forward():
     config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
     model = Gemma2ForCausalLM(config)
-    assert not dpo.head_only_matches_forward(model)
+    assert not head_only_matches_forward(model)
     assert shared_prompts_match(model, max_length=1024)  # its eager attention takes the shared-layout mask
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from studio.core.generation import left_pad, next_tokens, prepacked_linears, sample
+from studio.core.generation import left_pad, next_tokens, prepacked_linears, row_uniforms, sample
 from studio.core.models import ModelSource, add_lora, load_model
 
 
@@ -79,6 +79,29 @@ def test_sample_decodes_greedily_as_transformers_generate(tiny_model_dir):
     for row, full in zip(stopped.tolist(), tokens.tolist()):
         cut = full.index(stop) + 1 if stop in full else len(full)
         assert row[:cut] == full[:cut] and set(row[cut:]) <= {tokenizer.pad_token_id}
+
+
+def test_rows_with_one_prompt_share_its_prefill_and_sample_as_they_would_alone(tiny_model_dir):
+    model, tokenizer = load_model(ModelSource("folder", str(tiny_model_dir)))
+    model.eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [5, 6, 7, 8, 9, 10], [13, 14, 15], [11, 12], [5, 6, 7, 8, 9, 10]]
+    seeds = [3, 1, 4, 1, 5, 9]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    calls = []
+    original = model.forward
+    model.forward = lambda **kwargs: calls.append(kwargs["input_ids"].shape) or original(**kwargs)
+    with torch.no_grad():
+        together = sample(model, ids, mask, 8, [], tokenizer.pad_token_id, temperature=1.0,
+                          uniforms=row_uniforms(seeds, 8, "cpu"))
+    assert calls[0] == (3, 6)  # the prefill: three distinct prompts, each once
+    assert len(set(map(tuple, together.tolist()))) == 6  # every row drew its own tokens
+    del model.forward
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone_ids, alone_mask = left_pad([prompt], tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            alone = sample(model, alone_ids, alone_mask, 8, [], tokenizer.pad_token_id, temperature=1.0,
+                           uniforms=row_uniforms([seed], 8, "cpu"))
+        assert alone[0].tolist() == together[row].tolist()
 
 
 def test_sample_feeds_a_streamer_the_prompt_then_each_token(tiny_model_dir):

@@ -1,5 +1,6 @@
 """GRPO and RLOO: the maths against hand computations (plain Python loops), then both engines on the tiny model."""
 
+import itertools
 import math
 import os
 import signal
@@ -271,13 +272,15 @@ def test_a_groups_completions_after_one_prompt_score_as_they_do_one_per_row(proj
     with torch.no_grad():
         one_per_row = ppo.forward_responses(engine.model, rollout, torch.arange(6), temperature, "cpu")
         # all rows; every other row (a rank's share of two); a chunk that cuts both groups
-        for rows in (torch.arange(6), torch.tensor([0, 2, 4]), torch.tensor([1, 2, 3])):
-            logprobs, vocab_logprobs = critic_free.forward_groups(engine.model, rollout, rows, 3, temperature, pad,
-                                                                  "cpu")
+        row_sets = (torch.arange(6), torch.tensor([0, 2, 4]), torch.tensor([1, 2, 3]))
+        for rows, head_only in itertools.product(row_sets, (True, False)):
+            logprobs, entropies = critic_free.forward_groups(engine.model, rollout, rows, 3, temperature, pad, "cpu",
+                                                             head_only)
             mask = rollout.mask[rows]
             assert torch.allclose(logprobs[mask], one_per_row.logprobs[rows][mask], atol=1e-5)
-            assert torch.allclose(vocab_logprobs[mask], one_per_row.vocab_logprobs[rows][mask], atol=1e-5)
-            assert not logprobs[~mask].any() and not vocab_logprobs[~mask].any()  # nothing past a completion's end
+            expected_entropies = -(one_per_row.vocab_logprobs.exp() * one_per_row.vocab_logprobs).sum(-1)
+            assert torch.allclose(entropies[mask], expected_entropies[rows][mask], atol=1e-5)
+            assert not logprobs[~mask].any() and not entropies[~mask].any()  # nothing past a completion's end
 
 
 @pytest.mark.parametrize("method", METHODS)

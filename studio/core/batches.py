@@ -125,11 +125,22 @@ def model_inputs(causal_lm, batch: Batch) -> dict:
             "use_cache": False}
 
 
-def scored_logits(model, batch: Batch, **forward) -> torch.Tensor:
-    """[N, vocab] the model's own logits (its LM head, soft-capping and all) at the batch's scored
-    positions; the head runs only at positions some row scores."""
+def scored_hidden_states(model, batch: Batch) -> torch.Tensor:
+    """[N, hidden] the transformer body's last hidden states at the batch's scored positions."""
+    causal_lm = unwrap(model)
+    hidden = causal_lm.base_model(**model_inputs(causal_lm, batch)).last_hidden_state
+    return hidden[batch.rows, batch.cols]
+
+
+def scored_logits(model, batch: Batch, head_only: bool = False) -> torch.Tensor:
+    """[N, vocab] logits at the batch's scored positions. `head_only`: the body, then the LM head at
+    those positions only (calling the head module, so a LoRA adapter on it still applies); otherwise
+    the model's own forward (for models that transform their logits after the head), its head run at
+    the positions some row scores."""
+    if head_only:
+        return unwrap(model).get_output_embeddings()(scored_hidden_states(model, batch))
     kept = batch.cols.unique()  # sorted
-    output = model(**model_inputs(unwrap(model), batch), logits_to_keep=kept, **forward)
+    output = model(**model_inputs(unwrap(model), batch), logits_to_keep=kept)
     return output.logits[batch.rows, torch.searchsorted(kept, batch.cols)]
 
 
@@ -142,6 +153,16 @@ def evaluating(causal_lm):
         yield
     finally:
         causal_lm.train(was_training)
+
+
+@torch.no_grad()
+def head_only_matches_forward(model) -> bool:
+    """Whether body + LM head give the model's own logits (not so for models that soft-cap or scale them)."""
+    causal_lm = unwrap(model)
+    with evaluating(causal_lm):
+        probe = torch.arange(1, 9, device=next(causal_lm.parameters()).device).unsqueeze(0)
+        logits = causal_lm.get_output_embeddings()(causal_lm.base_model(input_ids=probe).last_hidden_state)
+        return torch.allclose(logits, causal_lm(input_ids=probe).logits, rtol=1e-4, atol=1e-4)
 
 
 PROBE = ([1, 2, 3], [[4, 5], [6, 7, 8, 9]]), ([2, 3], [[4, 5, 6, 7, 8], [9], [5]])

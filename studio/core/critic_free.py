@@ -10,6 +10,9 @@ Each step:
    process samples and scores whole groups (every N-th prompt), and every process gets the whole
    batch back, so the batch-wide numbers (``scale_rewards="batch"``, normalised advantages, the
    metrics) are the one-process ones; the forward and backward passes are split by rows of each chunk.
+   Every forward pass puts a group's completions in one row after their prompt (``forward_groups``),
+   so the prompt is computed once per group, not once per completion; sampling shares each prompt's
+   prefill the same way (``generation.sample``).
 2. **Score**: the reward sources score each completion (their weighted sum is the reward); the
    reference (the same model with its adapter disabled) gives per-token log-probs when ``beta`` > 0.
 3. **Advantages**: one number per completion, from its group; the engine module says how.
@@ -36,7 +39,8 @@ from typing import NamedTuple
 import torch
 
 from . import distributed, rewards
-from .batches import attention_takes_shared_layout, collate_shared, scored_logits, within_sliding_window
+from .batches import (attention_takes_shared_layout, collate_shared, head_only_matches_forward, scored_logits,
+                      within_sliding_window)
 from .generation import Generation, stop_token_ids
 from .progress import Progress, ignore
 from .ppo import (Rollout, data_problems, entropy_from_logprobs, forward_responses, prompt_indices, rollout_seed,
@@ -84,33 +88,42 @@ class BatchSize(NamedTuple):
     max_completion_length: int
 
 
+ENTROPY_CHUNK = 256  # positions per entropy computation
+
+
 def forward_groups(model, rollout: Rollout, rows: torch.Tensor, group_size: int, temperature: float,
-                   pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's (log-probs [rows, width], vocab log-softmax [rows, width, vocab]) at the completion
-    tokens of rollout rows `rows`, as ``ppo.forward_responses`` gives them, but with each group's
-    completions in one row after their prompt, computed once (``batches.collate_shared``); 0 past
-    each completion's end, where nothing counts."""
+                   pad_id: int, device: str, head_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies of the next-token distribution), both [rows, width], at the completion
+    tokens of rollout rows `rows`, with each group's completions in one row after their prompt,
+    computed once (``batches.collate_shared``); 0 past each completion's end, where nothing counts."""
     members: dict[int, list[int]] = {}  # group -> the places in `rows` of its rows
     for place, row in enumerate(rows.tolist()):
         members.setdefault(row // group_size, []).append(place)
     prompt_ids, prompt_mask = (values[:, :rollout.context_length] for values in (rollout.input_ids, rollout.attention_mask))
     lengths = rollout.lengths.tolist()
 
+    def prompt(place: int) -> list[int]:
+        row = int(rows[place])
+        return prompt_ids[row][prompt_mask[row].bool()].tolist()
+
     def completion(place: int) -> list[int]:
         row = int(rows[place])
         return rollout.responses[row, :lengths[row]].tolist()
 
-    groups = [(prompt_ids[int(rows[places[0]])][prompt_mask[int(rows[places[0]])].bool()].tolist(),
-               [completion(place) for place in places]) for places in members.values()]
+    groups = [(prompt(places[0]), [completion(place) for place in places]) for places in members.values()]
     batch = collate_shared(groups, pad_id).to(device)
     with autocast(device):
-        logits = scored_logits(model, batch)
-    vocab_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logits = scored_logits(model, batch, head_only)
+    # In place: of the vocabulary-sized tensors, only the log-softmax is kept for the backward pass.
+    vocab_logprobs = torch.log_softmax(logits.float().div_(temperature), dim=-1)
     places = torch.tensor([place for places in members.values() for place in places], device=device)
-    width = rollout.responses.shape[1]
-    by_row = vocab_logprobs.new_zeros(len(rows), width, vocab_logprobs.shape[-1])
-    by_row = by_row.index_put((places[batch.responses], batch.offsets), vocab_logprobs)
-    return by_row.gather(-1, rollout.responses[rows].unsqueeze(-1)).squeeze(-1), by_row
+    where = (places[batch.responses], batch.offsets)
+    shape = (len(rows), rollout.responses.shape[1])
+    logprobs = vocab_logprobs.new_zeros(shape).index_put(where, vocab_logprobs.gather(1, batch.targets[:, None])[:, 0])
+    with torch.no_grad():  # a few hundred positions at a time: no more vocabulary-sized temporaries than that
+        entropy = torch.cat([entropy_from_logprobs(chunk) for chunk in vocab_logprobs.split(ENTROPY_CHUNK)])
+        entropies = vocab_logprobs.new_zeros(shape).index_put(where, entropy)
+    return logprobs, entropies
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -187,6 +200,7 @@ class Engine:
         self.optimizer, self.scheduler = make_optimizer(config, self.parameters)
         self.reward_function = rewards.RewardFunction(config.reward_sources, tokenizer, data.reward_root, device)
         self.takes_shared_layout = attention_takes_shared_layout(policy)
+        self.head_only = head_only_matches_forward(policy)
 
     # -- the maths of the method --
 
@@ -222,14 +236,15 @@ class Engine:
                                 self.device)
 
     def forward(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs, vocab log-softmax) of rows `rows`' completion tokens: each group's completions after
-        their prompt in one row where the model takes that layout, else one row per completion."""
+        """(log-probs, entropies) at rows `rows`' completion tokens: each group's completions after their
+        prompt in one row where the model takes that layout, else one row per completion."""
         config = self.config
         if self.takes_shared_layout and within_sliding_window(self.model, rollout.input_ids.shape[1]):
             return forward_groups(self.model, rollout, rows, config.num_generations, config.temperature,
-                                  self.tokenizer.pad_token_id, self.device)
+                                  self.tokenizer.pad_token_id, self.device, self.head_only)
         forward = forward_responses(self.model, rollout, rows, config.temperature, self.device)
-        return forward.logprobs, forward.vocab_logprobs
+        with torch.no_grad():
+            return forward.logprobs, entropy_from_logprobs(forward.vocab_logprobs)
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
         """Under the reference (the adapter disabled); None when beta is 0 and nothing needs them."""
@@ -259,14 +274,14 @@ class Engine:
         for rows in map(distributed.shard, self.chunks(rollout)):
             if not len(rows):
                 continue
-            chunk_logprobs, vocab_logprobs = self.forward(rollout, rows)
+            chunk_logprobs, entropies = self.forward(rollout, rows)
             old = chunk_logprobs.detach() if old_logprobs is None else old_logprobs[rows]
             loss = self.loss(chunk_logprobs, old, None if ref_logprobs is None else ref_logprobs[rows],
                              advantages[rows], mask[rows], batch)
             loss.backward()
             logprobs[rows] = chunk_logprobs.detach()
             with torch.no_grad():
-                entropy = torch.where(mask[rows], entropy_from_logprobs(vocab_logprobs), 0).sum()
+                entropy = torch.where(mask[rows], entropies, 0).sum()
                 sums += torch.stack([entropy, loss.detach()])
         distributed.sum_gradients(self.parameters)
         distributed.all_reduce_sum(logprobs)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults, distributed, store
-from .batches import (Batch, collate, collate_shared, evaluating, model_inputs, scored_logits, shared_prompts_match,
-                      unwrap)
+from .batches import (Batch, collate, collate_shared, head_only_matches_forward, scored_hidden_states, scored_logits,
+                      shared_prompts_match, unwrap)
 from .datasets import has_tool_calls
 from .errors import StudioError
 from .generation import ChatTemplateError, chat_ids, check_chat_template, is_conversational
@@ -303,16 +303,14 @@ def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
     response token (calling the head module, so a LoRA adapter on it still applies). Otherwise
     the model's own forward computes logits everywhere (for models that rescale their logits).
     """
-    causal_lm = unwrap(model)
     if head_only:
-        hidden = causal_lm.base_model(**model_inputs(causal_lm, batch)).last_hidden_state
-        scoring_states = hidden[batch.rows, batch.cols]
-        head = causal_lm.get_output_embeddings()
+        scoring_states = scored_hidden_states(model, batch)
+        head = unwrap(model).get_output_embeddings()
 
         def logits_at(span: slice) -> torch.Tensor:
             return head(scoring_states[span])
     else:
-        logits = scored_logits(causal_lm, batch)
+        logits = scored_logits(model, batch)
 
         def logits_at(span: slice) -> torch.Tensor:
             return logits[span]
@@ -321,16 +319,6 @@ def sequence_logps(model, batch: Batch, head_only: bool = True) -> torch.Tensor:
                              for span in spans])
     sums = torch.zeros(batch.num_responses, device=token_logps.device, dtype=token_logps.dtype)
     return sums.index_add(0, batch.responses, token_logps)
-
-
-@torch.no_grad()
-def head_only_matches_forward(model) -> bool:
-    """Whether body + LM head give the model's own logits (not so for models that soft-cap or scale them)."""
-    causal_lm = unwrap(model)
-    with evaluating(causal_lm):
-        probe = torch.arange(1, 9, device=next(causal_lm.parameters()).device).unsqueeze(0)
-        logits = causal_lm.get_output_embeddings()(causal_lm.base_model(input_ids=probe).last_hidden_state)
-        return torch.allclose(logits, causal_lm(input_ids=probe).logits, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

@@ -215,7 +215,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     A plain decoding loop rather than `model.generate`: per step it does the model call and one
     draw, nothing else (generate's logits processors, stopping criteria and multinomial draw cost
     0.5-0.7 s of a 48-token rollout of the demo model at 8 rows). Frozen and LoRA weights are prepacked
-    on x86 CPUs (`prepacked_linears`).
+    on x86 CPUs (`prepacked_linears`), and rows with the same prompt share its prefill.
     """
     from transformers import DynamicCache
 
@@ -231,9 +231,16 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     tokens = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
+    # Rows with the same prompt (a group of completions) share one prefill: each distinct prompt is
+    # computed once, then its cache and logits are copied to its rows.
+    distinct, copies = torch.unique(input_ids, dim=0, return_inverse=True)
+    one_row_each = torch.zeros(len(distinct), dtype=torch.long, device=device).scatter_(
+        0, copies, torch.arange(rows, device=device))
     with prepacked_linears(model, rows):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=distinct, attention_mask=attention_mask[one_row_each],
+                       position_ids=positions[one_row_each], cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[copies, -1]
+        cache.batch_select_indices(copies)
         for step in range(max_new_tokens):
             uniform = None if uniforms is None else uniforms[:, step]
             token = next_tokens(logits, temperature, top_p, uniform).masked_fill_(stopped, pad_id)
