@@ -106,6 +106,7 @@ def run_ours(job: dict) -> dict:
     import torch
 
     from studio.core import dpo, runs, store
+    from studio.core.cpu_linears import route_frozen_linears
     from studio.core.models import ModelSource, add_lora, load_model
 
     batch_size = job["batch_size"]
@@ -119,6 +120,7 @@ def run_ours(job: dict) -> dict:
         model, tokenizer = load_model(ModelSource("folder", job["model_folder"]))
         torch.manual_seed(SEED)
         policy = add_lora(model, LORA_R, LORA_ALPHA, 0.0, "all-linear")
+        route_frozen_linears(policy)  # as runs.train does
         checksum = lora_a_checksum(policy)
         setup_started = time.perf_counter()
         data = runs.gather_training_data(project.db, config)

@@ -61,6 +61,7 @@ def run_ours(job: dict) -> dict:
     import torch
 
     from studio.core import grpo, rewards, runs, store
+    from studio.core.cpu_linears import route_frozen_linears
     from studio.core.models import ModelSource, add_lora, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,6 +75,7 @@ def run_ours(job: dict) -> dict:
         model, tokenizer = load_model(ModelSource("folder", job["model_folder"]))
         torch.manual_seed(SEED)
         policy = add_lora(model, LORA_R, LORA_ALPHA, 0.0, "all-linear")
+        route_frozen_linears(policy)  # as runs.train does
         data = runs.gather_training_data(project.db, config)
         engine = grpo.Engine(config, policy, tokenizer, data, "cpu", Path(tmp) / "runs" / "0")
         steps = []

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .cpu_linears import onednn_available, onednn_linear
 from .errors import StudioError
 
 
@@ -101,9 +102,7 @@ def _packable_weights(model) -> dict:
     """{layer: (the fp32 weight it multiplies by, its bias)} for the frozen Linear layers and, with
     their adapters merged in, the LoRA layers of a model in eval mode, where oneDNN can prepack them
     (x86 CPUs with AVX2 or AVX-512); {} elsewhere (GPUs, ARM, a torch without these ops)."""
-    capable = (torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX")
-               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-    if not capable:
+    if not (onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return {}
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -136,11 +135,6 @@ def _lora_effective_weight(layer) -> torch.Tensor | None:
     return base.weight.detach() + sum(layer.get_delta_weight(name).detach() for name in active)
 
 
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
 @contextlib.contextmanager
 def prepacked_linears(model, batch_size: int):
     """Within it, the model's frozen fp32 Linear layers, and its LoRA layers with the adapters merged
@@ -158,14 +152,18 @@ def prepacked_linears(model, batch_size: int):
     if torch.is_grad_enabled():
         raise RuntimeError("prepacked_linears is for sampling: use it under torch.no_grad()")
     weights = _packable_weights(model)
+    previous = {layer: layer.__dict__.get("forward") for layer in weights}  # a run's frozen layers have one
     for layer, (weight, bias) in weights.items():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
-        layer.forward = functools.partial(_packed_linear, weight=packed, bias=bias)
+        layer.forward = functools.partial(onednn_linear, weight=packed, bias=bias)
     try:
         yield
     finally:
-        for layer in weights:
-            del layer.forward  # back to the class's forward
+        for layer, forward in previous.items():
+            if forward is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = forward
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,

@@ -44,6 +44,7 @@ from typing import Callable, Protocol
 from . import defaults, distributed, store, trackers
 from .errors import StudioError
 from .generation import Decoding, generate
+from .cpu_linears import route_frozen_linears
 from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
 from .progress import Progress, ignore
 from .run_log import append_run_log
@@ -649,6 +650,7 @@ def train(config: TrainConfig, data: TrainingData, start: ModelStart, run_dir: P
         model, tokenizer = load_start(start, device, on_progress)
         policy = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                           config.lora_target_modules)
+        route_frozen_linears(policy)
         engine = engine_module(config.method).Engine(config, policy, tokenizer, data, device, run_dir,
                                                                    on_progress)
         last = sink.last_checkpoint(log)
