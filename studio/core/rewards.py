@@ -615,6 +615,7 @@ def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
     """
     from peft import LoraConfig, get_peft_model
 
+    from .cpu_linears import route_frozen_linears
     from .models import pick_device
 
     if not SAFE_NAME.match(settings.name):
@@ -644,6 +645,7 @@ def train_reward_model(project_path: Path | str, settings: RewardModelTraining,
         model, tokenizer = load_base_classifier(ModelSource.from_json(base_model), device)
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=settings.lora_r,
                                                  lora_alpha=settings.lora_alpha, target_modules="all-linear"))
+        route_frozen_linears(model)
         scorer = ModelScorer(model, tokenizer, settings.batch_size, settings.max_length)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate)
