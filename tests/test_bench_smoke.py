@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,6 +56,19 @@ def test_ppo_bench_smoke():
     args = ["--rules-only"] + ([] if trl_ready(".venv-trl029") else ["--skip-trl"])
     output = run_bench("ppo_vs_trl.py", *args)
     assert re.search(r"studio PPO with the demo rule reward: \[[\d., ]+\]\n  \d+\.\d+ s/step", output)
+
+
+def test_linear_kernels_bench_smoke():
+    from studio.core.cpu_linears import onednn_available
+
+    if not onednn_available():
+        pytest.skip("oneDNN's linear op needs an x86 CPU")
+    output = run_bench("linear_kernels.py")
+    rows = [line for line in output.splitlines() if " x " in line and "GFLOP/s" not in line]
+    assert len(rows) == 6
+    for row in rows:  # torch GFLOP/s, oneDNN GFLOP/s, ratio, relative difference of the results
+        default, onednn, ratio, difference = (float(value.rstrip("x")) for value in row.split()[-4:])
+        assert default > 0 and onednn > 0 and ratio > 0 and difference < 1e-4
 
 
 def test_ui_responsiveness_bench_smoke():
