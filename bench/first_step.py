@@ -62,7 +62,7 @@ def main() -> None:
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         for phase, (done, total, at) in phases.items():
             print(f"{phase:<32} {done}/{total} done by {at:6.1f} s")
-        reference = phases.get("Reference pass (sequences)", (0, 0, 0))[1] // 2
+        reference = phases.get("Reference pass (pairs)", (0, 0, 0))[1]
         print(f"reference pass: {reference} of {pairs} pairs ({reference / pairs:.0%} of the full pass it replaces)")
         print(f"time to step 1: {first_step:.1f} s wall, {cpu.ru_utime + cpu.ru_stime:.1f} s of child CPU "
               f"({args.threads} thread(s))" if first_step else "the run never reached step 1")
