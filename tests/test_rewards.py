@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from studio.core import labelling, rewards, store
+from studio.core.cpu_linears import onednn_available
 
 
 def score(source: dict, text: str, tokenizer=None) -> float:
@@ -177,6 +178,12 @@ def test_sequence_classification_folder_loads_and_scores(tmp_path, tiny_model_di
         ids = tokenizer.apply_chat_template(prompts[0] + [{"role": "assistant", "content": text}],
                                             tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
         assert value.item() == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+
+    # It only scores: frozen, so its linear layers take oneDNN's products where there is oneDNN.
+    scorer = rewards.load_reward_model_folder(tmp_path / "rm")
+    assert not any(p.requires_grad for p in scorer.model.parameters())
+    if onednn_available():
+        assert "forward" in scorer.model.model.layers[0].mlp.down_proj.__dict__
 
     not_a_classifier = rewards.check_sources([{"type": "reward_model", "path": str(tiny_model_dir)}], None)
     assert "not a sequence-classification model" in not_a_classifier[0]

@@ -390,6 +390,16 @@ def conversation_text(tokenizer, prompt, response: str) -> str:
     return prompt + response
 
 
+def scoring_model(model, device: str):
+    """A loaded reward model made ready to score: on `device`, frozen (it never trains) and, being
+    frozen, with its linear layers through oneDNN on x86 CPUs (``cpu_linears``)."""
+    from .cpu_linears import route_frozen_linears
+
+    model = model.to(device).requires_grad_(False)
+    route_frozen_linears(model)
+    return model
+
+
 class ModelScorer:
     """A sequence-classification model scoring (prompt, response) pairs: its single output logit."""
 
@@ -452,7 +462,7 @@ def load_reward_model_folder(folder: Path, device: str = "cpu", batch_size: int 
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
     prepare_scoring_tokenizer(tokenizer, model.config)
-    return ModelScorer(model.to(device), tokenizer, batch_size, max_length)
+    return ModelScorer(scoring_model(model, device), tokenizer, batch_size, max_length)
 
 
 class RewardFunction:
@@ -703,7 +713,7 @@ def load_trained_reward_model(folder: Path, device: str = "cpu", batch_size: int
     meta = json.loads((folder / "meta.json").read_text())
     model, tokenizer = load_base_classifier(ModelSource.from_json(meta["base_model"]), device)
     model = PeftModel.from_pretrained(model, folder / "adapter")
-    return ModelScorer(model.to(device), tokenizer, batch_size, max_length)
+    return ModelScorer(scoring_model(model, device), tokenizer, batch_size, max_length)
 
 
 def project_folder(db) -> Path:
