@@ -35,8 +35,8 @@ class Batch:
     num_tokens: int  # real (not padding) tokens in the batch
 
     def to(self, device) -> "Batch":
-        return Batch(**{f.name: value if f.name == "num_tokens" else value.to(device)
-                        for f in fields(self) for value in [getattr(self, f.name)]})
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "num_tokens"}
+        return Batch(**moved, num_tokens=self.num_tokens)
 
     @property
     def num_responses(self) -> int:

@@ -52,7 +52,7 @@ def _frozen_forward(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
 
 def route_frozen_linears(model) -> int:
     """Make the model's frozen fp32 CPU Linear layers compute through oneDNN for the rest of its
-    life (a run's model lives as long as its run); returns how many. None where oneDNN cannot."""
+    life (a run's model lives as long as its run); returns how many (0 where oneDNN cannot)."""
     if not onednn_available():
         return 0
     frozen = [layer for layer in model.modules()

@@ -96,21 +96,21 @@ def forward_groups(model, rollout: Rollout, rows: torch.Tensor, group_size: int,
     """(log-probs, entropies of the next-token distribution), both [rows, width], at the completion
     tokens of rollout rows `rows`, with each group's completions in one row after their prompt,
     computed once (``batches.collate_shared``); 0 past each completion's end, where nothing counts."""
+    row_numbers = rows.tolist()
     members: dict[int, list[int]] = {}  # group -> the places in `rows` of its rows
-    for place, row in enumerate(rows.tolist()):
+    for place, row in enumerate(row_numbers):
         members.setdefault(row // group_size, []).append(place)
     prompt_ids, prompt_mask = (values[:, :rollout.context_length] for values in (rollout.input_ids, rollout.attention_mask))
     lengths = rollout.lengths.tolist()
 
-    def prompt(place: int) -> list[int]:
-        row = int(rows[place])
+    def prompt(row: int) -> list[int]:
         return prompt_ids[row][prompt_mask[row].bool()].tolist()
 
-    def completion(place: int) -> list[int]:
-        row = int(rows[place])
+    def completion(row: int) -> list[int]:
         return rollout.responses[row, :lengths[row]].tolist()
 
-    groups = [(prompt(places[0]), [completion(place) for place in places]) for places in members.values()]
+    groups = [(prompt(row_numbers[places[0]]), [completion(row_numbers[place]) for place in places])
+              for places in members.values()]
     batch = collate_shared(groups, pad_id).to(device)
     with autocast(device):
         logits = scored_logits(model, batch, head_only)

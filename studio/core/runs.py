@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from . import defaults, distributed, store, trackers
+from .cpu_linears import route_frozen_linears
 from .errors import StudioError
 from .generation import Decoding, generate
-from .cpu_linears import route_frozen_linears
 from .models import ModelSource, add_lora, base_identity, folder_fingerprint, load_model, module_names, pick_device
 from .progress import Progress, ignore
 from .run_log import append_run_log
